@@ -1,0 +1,80 @@
+// The method interface of the reference (DESIGN.md section 3): a prefill call
+// that returns one Plan per kv head of a layer, and an optional stateful
+// decode policy the replay engine drives step by step.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kvscope/core/method_spec.hpp"
+#include "kvscope/core/plan.hpp"
+#include "kvscope/core/trace_data.hpp"
+#include "kvscope/reference/attention.hpp"
+#include "kvscope/reference/laws.hpp"
+
+namespace kvscope::ref {
+
+/// What a method sees of one layer at prefill, in double precision.
+struct LayerInput {
+  const TraceMeta* meta = nullptr;
+  int layer = 0;
+  std::vector<MatX> q;  // per q head, [T x d] prefill queries (post-RoPE)
+  std::vector<MatX> k;  // per kv head, [T x d]
+  std::vector<MatX> v;  // per kv head, [T x d]
+  std::vector<VecX> attn_colsum;  // per q head, [T]; empty when the trace has none
+  std::int64_t tokens() const { return k.empty() ? 0 : k.front().rows(); }
+};
+
+/// One kv head's compressed cache: its provenance and contents (K = A_K K_full).
+struct HeadCache {
+  Plan plan;
+  MatX K, V;
+};
+
+/// A decode step as the policy sees it: the new token is already appended to
+/// every head's cache (one extra slot).
+struct DecodeStep {
+  std::int64_t step = 0;    // 0-based decode step
+  std::int64_t token = 0;   // original index of the new token (T + step)
+  const std::vector<HeadCache>* heads = nullptr;  // per kv head
+  const std::vector<VecX>* queries = nullptr;     // per q head, this step's query
+};
+
+/// Per kv head, an optional plan over the head's current slots (nullopt = keep as is).
+using StepPlans = std::vector<std::optional<Plan>>;
+
+/// Stateful decode-time compression of one layer.
+class DecodePolicy {
+ public:
+  virtual ~DecodePolicy() = default;
+  /// Compression before the query attends (e.g. StreamingLLM evicting for space).
+  virtual StepPlans before_attend(const DecodeStep& step) = 0;
+  /// Compression after attending; `probs[h]` is q head h's attention over its kv head's slots.
+  virtual StepPlans after_attend(const DecodeStep& step, const std::vector<VecX>& probs) = 0;
+};
+
+/// A configured method (family + preset + parameters resolved).
+class Method {
+ public:
+  virtual ~Method() = default;
+  /// Canonical spec with every parameter resolved, e.g. "streaming_llm@paper:recent=auto:sinks=4".
+  virtual std::string name() const = 0;
+  virtual Laws laws() const = 0;
+  /// One plan per kv head over the layer's T prompt tokens, honouring `budget` tokens per head.
+  virtual std::vector<Plan> prefill(const LayerInput& in, std::int64_t budget) const = 0;
+  /// The decode policy for a layer, or nullptr: the cache then grows by one slot per step.
+  virtual std::unique_ptr<DecodePolicy> decoder(const LayerInput& in, std::int64_t budget) const = 0;
+  /// Tokens of an n-token cache the method promises to keep unchanged (sinks,
+  /// recent window), checked by the plan checker.
+  virtual std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t budget) const = 0;
+};
+
+/// Canonical "family@preset:key=value..." text of a resolved method.
+std::string method_name(const std::string& family, const std::string& preset,
+                        const std::map<std::string, std::string>& params);
+
+}  // namespace kvscope::ref

@@ -1,0 +1,124 @@
+#include "kvscope/reference/plan_checker.hpp"
+
+#include <cmath>
+#include <sstream>
+
+#include "kvscope/core/error.hpp"
+
+namespace kvscope::ref {
+namespace {
+
+constexpr double kCoefTol = 1e-12;  // row sums of double weights
+
+// Structure first: later checks index arrays and must not run on a broken CSR.
+bool check_structure(const Plan& p, std::vector<std::string>& v) {
+  const auto m = p.slots();
+  if (m < 0 || p.row_ptr.empty() || p.row_ptr.front() != 0) {
+    v.push_back("row_ptr must start at 0");
+    return false;
+  }
+  if (p.row_ptr.back() != p.nnz() || p.coef_k.size() != p.token.size() || p.coef_v.size() != p.token.size()) {
+    v.push_back("row_ptr, token, coef_k and coef_v disagree on the number of entries");
+    return false;
+  }
+  if (static_cast<std::int64_t>(p.position.size()) != m || static_cast<std::int64_t>(p.count.size()) != m) {
+    v.push_back("position and count must have one entry per slot");
+    return false;
+  }
+  for (std::int64_t i = 0; i < m; ++i)
+    if (p.row_end(i) < p.row_begin(i)) {
+      v.push_back("row_ptr decreases at slot " + std::to_string(i));
+      return false;
+    }
+  bool ok = true;
+  for (std::int64_t e = 0; e < p.nnz(); ++e) {
+    const auto eu = static_cast<std::size_t>(e);
+    if (p.token[eu] < 0 || p.token[eu] >= p.n) {
+      v.push_back("entry " + std::to_string(e) + " names token " + std::to_string(p.token[eu]) +
+                  " outside [0, " + std::to_string(p.n) + ")");
+      ok = false;
+    }
+    if (!std::isfinite(p.coef_k[eu]) || !std::isfinite(p.coef_v[eu]) || p.coef_k[eu] < 0 || p.coef_v[eu] < 0) {
+      v.push_back("entry " + std::to_string(e) + " has a negative or non-finite coefficient");
+      ok = false;
+    }
+  }
+  return ok;
+}
+
+void check_budget(const Plan& p, const CheckRequest& r, std::vector<std::string>& v) {
+  const std::int64_t m = p.slots();
+  const std::int64_t want = std::min(r.budget, p.n);
+  if (r.budget_law == BudgetLaw::kExact && m != want)
+    v.push_back("budget law 'exact': " + std::to_string(m) + " slots, expected min(budget " +
+                std::to_string(r.budget) + ", n " + std::to_string(p.n) + ") = " + std::to_string(want));
+  if (r.budget_law == BudgetLaw::kAtMost && m > r.budget)
+    v.push_back("budget law 'at-most': " + std::to_string(m) + " slots exceed budget " + std::to_string(r.budget));
+}
+
+void check_conservation(const Plan& p, const CheckRequest& r, std::vector<std::string>& v) {
+  std::vector<int> uses(static_cast<std::size_t>(p.n), 0);
+  for (std::int64_t i = 0; i < p.slots(); ++i) {
+    const std::int64_t len = p.row_end(i) - p.row_begin(i);
+    double sk = 0, sv = 0;
+    for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
+      sk += p.coef_k[static_cast<std::size_t>(e)];
+      sv += p.coef_v[static_cast<std::size_t>(e)];
+      ++uses[static_cast<std::size_t>(p.token[static_cast<std::size_t>(e)])];
+    }
+    const std::string slot = "slot " + std::to_string(i);
+    if (len == 0) v.push_back(slot + " is empty");
+    if (r.conservation == ConservationLaw::kEviction) {
+      const auto b = static_cast<std::size_t>(p.row_begin(i));
+      if (len != 1 || p.coef_k[b] != 1.0 || p.coef_v[b] != 1.0)
+        v.push_back(slot + " is not one-hot with coefficient 1 (eviction law)");
+      if (p.count[static_cast<std::size_t>(i)] != 1) v.push_back(slot + " counts " + std::to_string(p.count[static_cast<std::size_t>(i)]) + " tokens, eviction keeps 1");
+    } else if (std::abs(sk - 1.0) > kCoefTol || std::abs(sv - 1.0) > kCoefTol) {
+      v.push_back(slot + " rows sum to (" + std::to_string(sk) + ", " + std::to_string(sv) + "), row-convex law needs 1");
+    }
+    if (p.positions == PositionMode::kRerotated && p.position[static_cast<std::size_t>(i)] != i)
+      v.push_back(slot + " is re-rotated but carries position " + std::to_string(p.position[static_cast<std::size_t>(i)]));
+  }
+  // Accounting: no original token may stand in two slots under eviction.
+  if (r.conservation == ConservationLaw::kEviction)
+    for (std::int64_t j = 0; j < p.n; ++j)
+      if (uses[static_cast<std::size_t>(j)] > 1)
+        v.push_back("token " + std::to_string(j) + " appears in " + std::to_string(uses[static_cast<std::size_t>(j)]) + " slots");
+}
+
+void check_protected(const Plan& p, const CheckRequest& r, std::vector<std::string>& v) {
+  std::vector<char> alone(static_cast<std::size_t>(p.n), 0);
+  for (std::int64_t i = 0; i < p.slots(); ++i) {
+    const auto b = static_cast<std::size_t>(p.row_begin(i));
+    if (p.row_end(i) - p.row_begin(i) == 1 && p.coef_k[b] == 1.0 && p.coef_v[b] == 1.0)
+      alone[static_cast<std::size_t>(p.token[b])] = 1;
+  }
+  for (std::int64_t j : r.protected_tokens)
+    if (j >= 0 && j < p.n && !alone[static_cast<std::size_t>(j)])
+      v.push_back("protected token " + std::to_string(j) + " is not kept unchanged in its own slot");
+}
+
+}  // namespace
+
+std::string PlanCheck::summary(std::size_t max_lines) const {
+  std::ostringstream s;
+  for (std::size_t i = 0; i < violations.size() && i < max_lines; ++i) s << (i ? "\n  " : "") << violations[i];
+  if (violations.size() > max_lines) s << "\n  ... and " << violations.size() - max_lines << " more";
+  return s.str();
+}
+
+PlanCheck check_plan(const Plan& plan, const CheckRequest& request) {
+  PlanCheck c;
+  if (!check_structure(plan, c.violations)) return c;
+  check_budget(plan, request, c.violations);
+  check_conservation(plan, request, c.violations);
+  check_protected(plan, request, c.violations);
+  return c;
+}
+
+void require_valid_plan(const Plan& plan, const CheckRequest& request, std::string_view context) {
+  const PlanCheck c = check_plan(plan, request);
+  if (!c.ok()) throw Error(ErrorKind::kInvariant, std::string(context) + ": " + c.summary());
+}
+
+}  // namespace kvscope::ref

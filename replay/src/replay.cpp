@@ -1,0 +1,221 @@
+#include "kvscope/replay/replay.hpp"
+
+#include <chrono>
+#include <memory>
+
+#include "kvscope/core/error.hpp"
+#include "kvscope/reference/plan_apply.hpp"
+#include "kvscope/reference/plan_checker.hpp"
+#include "kvscope/reference/registry.hpp"
+#include "kvscope/traces/plan_dump.hpp"
+#include "kvscope/traces/trace_io.hpp"
+#include "layer_input.hpp"
+
+namespace kvscope::replay {
+namespace {
+
+using ref::HeadCache;
+using ref::MatX;
+using ref::VecX;
+
+/// The full cache of one layer: all keys/values and the reference outputs of
+/// every decode query, computed once and shared by every run.
+struct FullLayer {
+  std::vector<MatX> K, V;                     // per kv head, [T + S, d]
+  std::vector<std::vector<VecX>> q;           // [q head][step]
+  std::vector<std::vector<VecX>> out, probs;  // [q head][step]
+};
+
+FullLayer full_layer(const TraceMeta& meta, const LayerData& data, TraceSelfCheck& self_check) {
+  FullLayer f;
+  const std::int64_t T = meta.prompt_len, S = meta.decode_steps;
+  for (int h = 0; h < meta.kv_heads; ++h) {
+    f.K.push_back(full_rows(data.prefill_k, data.decode_k, h));
+    f.V.push_back(full_rows(data.prefill_v, data.decode_v, h));
+  }
+  f.q.resize(static_cast<std::size_t>(meta.q_heads));
+  f.out = f.probs = f.q;
+  for (int h = 0; h < meta.q_heads; ++h) {
+    const int kv = ref::kv_head_of(h, meta.q_heads, meta.kv_heads);
+    const MatX Q = head_matrix(data.decode_q, h);
+    for (std::int64_t s = 0; s < S; ++s) {
+      const std::int64_t n = T + s + 1;
+      VecX q = Q.row(s).transpose();
+      ref::AttentionResult r = ref::attend(q, f.K[static_cast<std::size_t>(kv)].topRows(n),
+                                           f.V[static_cast<std::size_t>(kv)].topRows(n));
+      if (data.decode_o) {
+        VecX rec(meta.head_dim);
+        const auto row = data.decode_o->row(h, s);
+        for (int i = 0; i < meta.head_dim; ++i) rec[i] = row[static_cast<std::size_t>(i)];
+        const double norm = r.output.norm();
+        const double err = (rec - r.output).norm() / (norm > 0 ? norm : 1.0);
+        self_check.recorded = true;
+        self_check.max_rel_l2 = std::max(self_check.max_rel_l2, err);
+      }
+      f.q[static_cast<std::size_t>(h)].push_back(std::move(q));
+      f.out[static_cast<std::size_t>(h)].push_back(std::move(r.output));
+      f.probs[static_cast<std::size_t>(h)].push_back(std::move(r.probs));
+    }
+  }
+  return f;
+}
+
+/// Appends token `j` (the decode step's own key and value) as a new one-hot slot.
+void append_to_cache(HeadCache& c, const MatX& K, const MatX& V, double theta) {
+  append_token(c.plan);
+  const std::int64_t j = c.plan.n - 1, pos = c.plan.position.back();
+  c.K.conservativeResize(c.K.rows() + 1, Eigen::NoChange);
+  c.V.conservativeResize(c.V.rows() + 1, Eigen::NoChange);
+  if (pos == j)
+    c.K.row(c.K.rows() - 1) = K.row(j);
+  else
+    c.K.row(c.K.rows() - 1) = ref::rope_rotate(K.row(j).transpose(), static_cast<double>(pos - j), theta).transpose();
+  c.V.row(c.V.rows() - 1) = V.row(j);
+}
+
+void apply_step(std::vector<HeadCache>& caches, const ref::StepPlans& plans, const FullLayer& f, double theta) {
+  for (std::size_t h = 0; h < plans.size() && h < caches.size(); ++h)
+    if (plans[h]) caches[h] = ref::apply_plan(compose(*plans[h], caches[h].plan), f.K[h], f.V[h], theta);
+}
+
+/// One (method, budget) run over one layer.
+class LayerRun {
+ public:
+  LayerRun(const TraceMeta& meta, int layer, const ref::Method& method, std::int64_t budget, int run_index,
+           RunSummary& summary, RecordSink* sink)
+      : meta_(meta), layer_(layer), method_(method), budget_(budget), run_(run_index), summary_(summary), sink_(sink) {}
+
+  std::vector<HeadCache> prefill(const ref::LayerInput& in, const FullLayer& f, traces::PlanDumpWriter* dump) {
+    const std::vector<Plan> plans = method_.prefill(in, budget_);
+    if (static_cast<int>(plans.size()) != meta_.kv_heads)
+      throw Error(ErrorKind::kInvariant, method_.name() + ": prefill returned " + std::to_string(plans.size()) +
+                                             " plans for " + std::to_string(meta_.kv_heads) + " kv heads");
+    std::vector<HeadCache> caches;
+    for (int h = 0; h < meta_.kv_heads; ++h) {
+      check(plans[static_cast<std::size_t>(h)], method_.laws().prefill_budget, h, "prefill");
+      if (dump) dump->add(method_.name(), summary_.budget, layer_, h, "prefill", plans[static_cast<std::size_t>(h)]);
+      caches.push_back(ref::apply_plan(plans[static_cast<std::size_t>(h)], f.K[static_cast<std::size_t>(h)],
+                                       f.V[static_cast<std::size_t>(h)], meta_.rope_theta));
+    }
+    return caches;
+  }
+
+  void decode(const ref::LayerInput& in, const FullLayer& f, std::vector<HeadCache>& caches) {
+    std::unique_ptr<ref::DecodePolicy> policy = method_.decoder(in, budget_);
+    const double theta = meta_.rope_theta;
+    std::vector<VecX> queries(static_cast<std::size_t>(meta_.q_heads));
+    std::vector<VecX> probs(static_cast<std::size_t>(meta_.q_heads));
+    for (std::int64_t s = 0; s < meta_.decode_steps; ++s) {
+      for (int h = 0; h < meta_.kv_heads; ++h)
+        append_to_cache(caches[static_cast<std::size_t>(h)], f.K[static_cast<std::size_t>(h)],
+                        f.V[static_cast<std::size_t>(h)], theta);
+      for (int h = 0; h < meta_.q_heads; ++h) queries[static_cast<std::size_t>(h)] = f.q[static_cast<std::size_t>(h)][static_cast<std::size_t>(s)];
+      const ref::DecodeStep step{s, meta_.prompt_len + s, &caches, &queries};
+      if (policy) apply_step(caches, policy->before_attend(step), f, theta);
+
+      for (int h = 0; h < meta_.q_heads; ++h) {
+        const auto hu = static_cast<std::size_t>(h);
+        const HeadCache& c = caches[static_cast<std::size_t>(ref::kv_head_of(h, meta_.q_heads, meta_.kv_heads))];
+        VecX q = queries[hu];
+        // A re-rotated cache holds the current token at its slot index: the query moves with it.
+        if (c.plan.positions == PositionMode::kRerotated)
+          q = ref::rope_rotate(q, static_cast<double>(c.plan.position.back() - step.token), theta);
+        ref::AttentionResult r = ref::attend(q, c.K, c.V);
+        StepRecord rec{run_, layer_, h, s, c.plan.slots(),
+                       step_metrics(f.out[hu][static_cast<std::size_t>(s)], f.probs[hu][static_cast<std::size_t>(s)],
+                                    r.output, r.probs, c.plan)};
+        record(rec, c.plan);
+        probs[hu] = std::move(r.probs);
+      }
+      if (policy) apply_step(caches, policy->after_attend(step, probs), f, theta);
+      for (int h = 0; h < meta_.kv_heads; ++h)
+        check(caches[static_cast<std::size_t>(h)].plan, method_.laws().decode_budget, h, "decode step " + std::to_string(s));
+    }
+  }
+
+ private:
+  void check(const Plan& plan, ref::BudgetLaw law, int kv_head, const std::string& stage) {
+    ref::CheckRequest req{law, budget_, method_.laws().conservation, method_.protected_tokens(plan.n, budget_)};
+    ref::require_valid_plan(plan, req,
+                            method_.name() + " budget " + summary_.budget + " layer " + std::to_string(layer_) +
+                                " kv head " + std::to_string(kv_head) + " " + stage);
+    ++summary_.plans_checked;
+  }
+
+  void record(const StepRecord& rec, const Plan& plan) {
+    const double kept = static_cast<double>(plan.slots()) / static_cast<double>(plan.n);
+    summary_.all.add(rec.metrics, kept);
+    summary_.per_layer_head[static_cast<std::size_t>(layer_ * meta_.q_heads + rec.q_head)].add(rec.metrics, kept);
+    summary_.per_step[static_cast<std::size_t>(rec.step)].add(rec.metrics, kept);
+    if (sink_) sink_->on_record(rec);
+  }
+
+  const TraceMeta& meta_;
+  int layer_;
+  const ref::Method& method_;
+  std::int64_t budget_;
+  int run_;
+  RunSummary& summary_;
+  RecordSink* sink_;
+};
+
+}  // namespace
+
+ReplayResult run_replay(const traces::TraceReader& trace, const ReplayOptions& options, RecordSink* sink,
+                        traces::PlanDumpWriter* dump) {
+  ReplayResult result;
+  result.meta = trace.meta();
+  const TraceMeta& meta = result.meta;
+  if (meta.decode_steps == 0)
+    throw Error(ErrorKind::kUsage, "the trace has no decode steps: replay measures the error of decode-step attention");
+  if (options.methods.empty() || options.budgets.empty())
+    throw Error(ErrorKind::kUsage, "replay needs at least one method and one budget");
+
+  // Configure everything before reading data: unknown methods, bad parameters
+  // and impossible budgets fail fast (protected_tokens resolves the budget).
+  std::vector<std::unique_ptr<ref::Method>> methods;
+  for (const MethodSpec& spec : options.methods) methods.push_back(ref::make_method(spec));
+  struct Run {
+    const ref::Method* method;
+    std::int64_t budget;
+  };
+  std::vector<Run> runs;
+  for (std::size_t mi = 0; mi < methods.size(); ++mi)
+    for (const Budget& b : options.budgets) {
+      const auto& m = methods[mi];
+      const std::int64_t tokens = b.resolve(meta.prompt_len);
+      m->protected_tokens(meta.prompt_len, tokens);
+      runs.push_back({m.get(), tokens});
+      RunSummary s;
+      s.label = options.methods[mi].to_string();
+      s.method = m->name();
+      s.budget = b.label();
+      s.budget_tokens = tokens;
+      s.per_layer_head.resize(static_cast<std::size_t>(meta.layers * meta.q_heads));
+      s.per_step.resize(static_cast<std::size_t>(meta.decode_steps));
+      result.runs.push_back(std::move(s));
+    }
+
+  const std::int64_t row_bytes = 2LL * meta.head_dim * dtype_bytes(meta.dtype);  // one K row + one V row
+  for (int l = 0; l < meta.layers; ++l) {
+    const LayerData data = trace.read_layer(l);
+    const ref::LayerInput in = make_layer_input(meta, l, data);
+    const FullLayer full = full_layer(meta, data, result.self_check);
+    for (std::size_t r = 0; r < runs.size(); ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      RunSummary& summary = result.runs[r];
+      LayerRun run(meta, l, *runs[r].method, runs[r].budget, static_cast<int>(r), summary, sink);
+      std::vector<HeadCache> caches = run.prefill(in, full, dump);
+      run.decode(in, full, caches);
+      for (int h = 0; h < meta.kv_heads; ++h) {
+        summary.final_kv_bytes += caches[static_cast<std::size_t>(h)].plan.slots() * row_bytes;
+        summary.full_kv_bytes += (meta.prompt_len + meta.decode_steps) * row_bytes;
+        if (dump) dump->add(summary.method, summary.budget, l, h, "final", caches[static_cast<std::size_t>(h)].plan);
+      }
+      summary.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  }
+  return result;
+}
+
+}  // namespace kvscope::replay
