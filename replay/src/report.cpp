@@ -99,7 +99,9 @@ void write_summary_csv(std::ostream& os, const ReplayResult& r) {
     os << '"' << s.label << "\",\"" << s.method << "\"," << s.budget << ',' << s.budget_tokens << ',' << s.all.count << ','
        << s.all.mean_kept_fraction() << ',' << s.all.mean_rel_l2() << ',' << s.all.max_rel_l2 << ','
        << s.all.mean_cosine() << ',' << s.all.min_cosine << ',' << s.all.mean_mass_lost() << ','
-       << s.all.max_mass_lost << ',' << (std::isnan(tv) ? std::string() : std::to_string(tv)) << ','
+       << s.all.max_mass_lost << ',';
+    if (!std::isnan(tv)) os << tv;  // empty: TV is undefined for merging plans
+    os << ','
        << s.final_kv_bytes << ',' << s.full_kv_bytes << ',' << s.plans_checked << ',' << s.seconds << '\n';
   }
 }
