@@ -1,6 +1,7 @@
 #include "kvscope/reference/plan_checker.hpp"
 
 #include <cmath>
+#include <cstdlib>
 #include <sstream>
 
 #include "kvscope/core/error.hpp"
@@ -118,6 +119,37 @@ PlanCheck check_plan(const Plan& plan, const CheckRequest& request) {
 
 void require_valid_plan(const Plan& plan, const CheckRequest& request, std::string_view context) {
   const PlanCheck c = check_plan(plan, request);
+  if (!c.ok()) throw Error(ErrorKind::kInvariant, std::string(context) + ": " + c.summary());
+}
+
+PlanCheck check_allocation(const std::vector<std::int64_t>& head_budgets, std::int64_t nominal_budget,
+                           AllocationLaw law) {
+  PlanCheck c;
+  auto fail = [&](const std::string& what) {
+    c.violations.push_back(std::string("allocation (") + allocation_law_name(law) + "): " + what);
+  };
+  const auto heads = static_cast<std::int64_t>(head_budgets.size());
+  std::int64_t sum = 0;
+  for (std::int64_t h = 0; h < heads; ++h) {
+    const std::int64_t b = head_budgets[static_cast<std::size_t>(h)];
+    sum += b;
+    if (b < 0) fail("head " + std::to_string(h) + " has a negative budget " + std::to_string(b));
+    if (law == AllocationLaw::kUniform && b != nominal_budget)
+      fail("head " + std::to_string(h) + " budget " + std::to_string(b) + " != " + std::to_string(nominal_budget));
+    if (law == AllocationLaw::kPerLayer && b != head_budgets.front())
+      fail("head " + std::to_string(h) + " budget " + std::to_string(b) + " differs from head 0's " +
+           std::to_string(head_budgets.front()));
+  }
+  // Rounding each head's share moves the total by at most one token per head.
+  if (law == AllocationLaw::kHeadShared && std::abs(sum - heads * nominal_budget) > heads)
+    fail("heads hold " + std::to_string(sum) + " tokens, not " + std::to_string(heads * nominal_budget) + " +- " +
+         std::to_string(heads));
+  return c;
+}
+
+void require_valid_allocation(const std::vector<std::int64_t>& head_budgets, std::int64_t nominal_budget,
+                              AllocationLaw law, std::string_view context) {
+  const PlanCheck c = check_allocation(head_budgets, nominal_budget, law);
   if (!c.ok()) throw Error(ErrorKind::kInvariant, std::string(context) + ": " + c.summary());
 }
 

@@ -86,10 +86,14 @@ class LayerRun {
       : meta_(meta), layer_(layer), method_(method), budget_(budget), run_(run_index), summary_(summary), sink_(sink) {}
 
   std::vector<HeadCache> prefill(const ref::LayerInput& in, const FullLayer& f, traces::PlanDumpWriter* dump) {
-    const std::vector<Plan> plans = method_.prefill(in, budget_);
-    if (static_cast<int>(plans.size()) != meta_.kv_heads)
+    const ref::LayerPlans out = method_.prefill(in, budget_);
+    const std::vector<Plan>& plans = out.plans;
+    if (static_cast<int>(plans.size()) != meta_.kv_heads || out.head_budgets.size() != plans.size())
       throw Error(ErrorKind::kInvariant, method_.name() + ": prefill returned " + std::to_string(plans.size()) +
-                                             " plans for " + std::to_string(meta_.kv_heads) + " kv heads");
+                                             " plans and " + std::to_string(out.head_budgets.size()) +
+                                             " budgets for " + std::to_string(meta_.kv_heads) + " kv heads");
+    ref::require_valid_allocation(out.head_budgets, budget_, method_.laws().allocation, context("prefill"));
+    head_budgets_ = out.head_budgets;
     std::vector<HeadCache> caches;
     for (int h = 0; h < meta_.kv_heads; ++h) {
       check(plans[static_cast<std::size_t>(h)], method_.laws().prefill_budget, h, "prefill");
@@ -101,7 +105,7 @@ class LayerRun {
   }
 
   void decode(const ref::LayerInput& in, const FullLayer& f, std::vector<HeadCache>& caches) {
-    std::unique_ptr<ref::DecodePolicy> policy = method_.decoder(in, budget_);
+    std::unique_ptr<ref::DecodePolicy> policy = method_.decoder(in, head_budgets_);
     const double theta = meta_.rope_theta;
     std::vector<VecX> queries(static_cast<std::size_t>(meta_.q_heads));
     std::vector<VecX> probs(static_cast<std::size_t>(meta_.q_heads));
@@ -134,11 +138,14 @@ class LayerRun {
   }
 
  private:
+  std::string context(const std::string& stage) const {
+    return method_.name() + " budget " + summary_.budget + " layer " + std::to_string(layer_) + " " + stage;
+  }
+
   void check(const Plan& plan, ref::BudgetLaw law, int kv_head, const std::string& stage) {
-    ref::CheckRequest req{law, budget_, method_.laws().conservation, method_.protected_tokens(plan.n, budget_)};
-    ref::require_valid_plan(plan, req,
-                            method_.name() + " budget " + summary_.budget + " layer " + std::to_string(layer_) +
-                                " kv head " + std::to_string(kv_head) + " " + stage);
+    const std::int64_t b = head_budgets_[static_cast<std::size_t>(kv_head)];
+    ref::CheckRequest req{law, b, method_.laws().conservation, method_.protected_tokens(plan.n, b)};
+    ref::require_valid_plan(plan, req, context("kv head " + std::to_string(kv_head) + " " + stage));
     ++summary_.plans_checked;
   }
 
@@ -157,14 +164,20 @@ class LayerRun {
   int run_;
   RunSummary& summary_;
   RecordSink* sink_;
+  std::vector<std::int64_t> head_budgets_;  // from prefill; the budget law holds each head to its own
 };
 
 }  // namespace
 
 ReplayResult run_replay(const traces::TraceReader& trace, const ReplayOptions& options, RecordSink* sink,
                         traces::PlanDumpWriter* dump) {
+  return run_replay(trace.meta(), [&trace](int l) { return trace.read_layer(l); }, options, sink, dump);
+}
+
+ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_layer, const ReplayOptions& options,
+                        RecordSink* sink, traces::PlanDumpWriter* dump) {
   ReplayResult result;
-  result.meta = trace.meta();
+  result.meta = trace_meta;
   const TraceMeta& meta = result.meta;
   if (meta.decode_steps == 0)
     throw Error(ErrorKind::kUsage, "the trace has no decode steps: replay measures the error of decode-step attention");
@@ -198,7 +211,7 @@ ReplayResult run_replay(const traces::TraceReader& trace, const ReplayOptions& o
 
   const std::int64_t row_bytes = 2LL * meta.head_dim * dtype_bytes(meta.dtype);  // one K row + one V row
   for (int l = 0; l < meta.layers; ++l) {
-    const LayerData data = trace.read_layer(l);
+    const LayerData data = read_layer(l);
     const ref::LayerInput in = make_layer_input(meta, l, data);
     const FullLayer full = full_layer(meta, data, result.self_check);
     for (std::size_t r = 0; r < runs.size(); ++r) {

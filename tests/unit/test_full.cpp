@@ -11,7 +11,7 @@ using namespace kvscope;
 TEST(Full, PlanIsTheIdentityAndTheCacheIsUnchanged) {
   const auto f = tests::random_layer(4, 2, 33, 8, 11);
   const auto m = ref::make_method(MethodSpec::parse("full"));
-  const auto plans = m->prefill(f.input, 3);  // the budget is ignored
+  const auto plans = m->prefill(f.input, 3).plans;  // the budget is ignored
   ASSERT_EQ(plans.size(), 2u);
   for (std::size_t h = 0; h < plans.size(); ++h) {
     EXPECT_TRUE(ref::check_plan(plans[h], {ref::BudgetLaw::kExact, 33, ref::ConservationLaw::kEviction,
@@ -20,5 +20,5 @@ TEST(Full, PlanIsTheIdentityAndTheCacheIsUnchanged) {
     EXPECT_EQ(c.K, f.input.k[h]);
     EXPECT_EQ(c.V, f.input.v[h]);
   }
-  EXPECT_EQ(m->decoder(f.input, 3), nullptr);
+  EXPECT_EQ(m->decoder(f.input, {3, 3}), nullptr);
 }

@@ -37,7 +37,7 @@ RC_GTEST_PROP(StreamingLLM, KeptSetDependsOnlyOnSizesAndIsSharedByHeads, ()) {
   const auto seed = *rc::gen::arbitrary<std::uint32_t>();
   const auto m = make("streaming_llm@kvpress:sinks=" + std::to_string(sinks));
   const auto a = tests::random_layer(kv, kv, n, 4, seed), b = tests::random_layer(kv, kv, n, 4, seed + 1);
-  const auto pa = m->prefill(a.input, budget), pb = m->prefill(b.input, budget);
+  const auto pa = m->prefill(a.input, budget).plans, pb = m->prefill(b.input, budget).plans;
   RC_ASSERT(pa.size() == static_cast<std::size_t>(kv));
   const auto expected = ref::streaming_kept(n, sinks, budget - sinks);
   for (std::size_t h = 0; h < pa.size(); ++h) {
@@ -59,24 +59,24 @@ TEST(StreamingLLM, KeepsSinksAndRecentExactly) {
 TEST(StreamingLLM, BudgetCoveringTheCacheIsTheIdentity) {
   const auto f = tests::random_layer(2, 2, 30, 4, 1);
   for (const char* spec : {"streaming_llm", "streaming_llm@kvpress", "streaming_llm@kvcache-factory"})
-    for (const Plan& p : make(spec)->prefill(f.input, 64)) EXPECT_EQ(p.token, Plan::identity(30).token) << spec;
+    for (const Plan& p : make(spec)->prefill(f.input, 64).plans) EXPECT_EQ(p.token, Plan::identity(30).token) << spec;
 }
 
 TEST(StreamingLLM, PresetsPinPositionsAndSplit) {
   const auto f = tests::random_layer(1, 1, 100, 4, 2);
-  const Plan paper = make("streaming_llm@paper")->prefill(f.input, 10)[0];
+  const Plan paper = make("streaming_llm@paper")->prefill(f.input, 10).plans[0];
   EXPECT_EQ(paper.positions, PositionMode::kRerotated);
   EXPECT_EQ(paper.position, (std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}));
   EXPECT_EQ(paper.token, (std::vector<std::int64_t>{0, 1, 2, 3, 94, 95, 96, 97, 98, 99}));
-  const Plan kvpress = make("streaming_llm@kvpress")->prefill(f.input, 10)[0];
+  const Plan kvpress = make("streaming_llm@kvpress")->prefill(f.input, 10).plans[0];
   EXPECT_EQ(kvpress.positions, PositionMode::kOriginal);
   EXPECT_EQ(kvpress.position, kvpress.token);
-  const Plan kvcf = make("streaming_llm@kvcache-factory")->prefill(f.input, 40)[0];
+  const Plan kvcf = make("streaming_llm@kvcache-factory")->prefill(f.input, 40).plans[0];
   EXPECT_EQ(kvcf.token.front(), 0);
   EXPECT_EQ(kvcf.token[7], 7);      // the prefix is 40 - 32 = 8 tokens
   EXPECT_EQ(kvcf.token[8], 68);     // then the last 32
-  EXPECT_EQ(make("streaming_llm@kvpress")->decoder(f.input, 10), nullptr);  // prompt only
-  EXPECT_NE(make("streaming_llm@paper")->decoder(f.input, 10), nullptr);
+  EXPECT_EQ(make("streaming_llm@kvpress")->decoder(f.input, {10}), nullptr);  // prompt only
+  EXPECT_NE(make("streaming_llm@paper")->decoder(f.input, {10}), nullptr);
 }
 
 TEST(StreamingLLM, ImpossibleBudgetsAreNamedErrors) {
@@ -87,8 +87,8 @@ TEST(StreamingLLM, ImpossibleBudgetsAreNamedErrors) {
   EXPECT_EQ(kind_of([&] { make("streaming_llm@kvcache-factory")->prefill(f.input, 20); }), ErrorKind::kImpossibleBudget);
   EXPECT_EQ(kind_of([&] { make("streaming_llm:sinks=3:recent=5")->prefill(f.input, 7); }), ErrorKind::kImpossibleBudget);
   // Prompt-only compression may keep just the sinks.
-  EXPECT_EQ(make("streaming_llm@kvpress")->prefill(f.input, 4)[0].slots(), 4);
-  EXPECT_EQ(make("streaming_llm@kvpress:sinks=0")->prefill(f.input, 0)[0].slots(), 0);
+  EXPECT_EQ(make("streaming_llm@kvpress")->prefill(f.input, 4).plans[0].slots(), 4);
+  EXPECT_EQ(make("streaming_llm@kvpress:sinks=0")->prefill(f.input, 0).plans[0].slots(), 0);
 }
 
 TEST(StreamingLLM, BadConfigurationIsAUsageError) {
@@ -101,9 +101,9 @@ TEST(StreamingLLM, BadConfigurationIsAUsageError) {
 TEST(StreamingLLM, DecodeEvictsTheOldestNonSinkBeforeAttending) {
   const auto f = tests::random_layer(2, 1, 12, 4, 4);
   const auto m = make("streaming_llm@paper:sinks=2");
-  auto policy = m->decoder(f.input, 6);
+  auto policy = m->decoder(f.input, {6});
   std::vector<ref::HeadCache> heads(1);
-  heads[0].plan = m->prefill(f.input, 6)[0];  // tokens 0 1 8 9 10 11
+  heads[0].plan = m->prefill(f.input, 6).plans[0];  // tokens 0 1 8 9 10 11
   append_token(heads[0].plan);                // + token 12: 7 slots
   std::vector<ref::VecX> q(2, ref::VecX::Zero(4));
   const ref::DecodeStep step{0, 12, &heads, &q};
@@ -123,7 +123,7 @@ TEST(StreamingLLM, RerotatedKeysEqualKeysRotatedAtTheirCacheIndex) {
   ref::MatX K(U.rows(), U.cols());
   for (Eigen::Index j = 0; j < U.rows(); ++j)
     K.row(j) = ref::rope_rotate(U.row(j).transpose(), static_cast<double>(j), theta).transpose();
-  const Plan p = make("streaming_llm@paper")->prefill(f.input, 12)[0];
+  const Plan p = make("streaming_llm@paper")->prefill(f.input, 12).plans[0];
   const ref::HeadCache c = ref::apply_plan(p, K, f.input.v[0], theta);
   for (std::int64_t i = 0; i < p.slots(); ++i) {
     const ref::VecX want = ref::rope_rotate(U.row(p.token[static_cast<std::size_t>(i)]).transpose(), static_cast<double>(i), theta);

@@ -9,10 +9,12 @@ class Full final : public Method {
  public:
   std::string name() const override { return "full"; }
   Laws laws() const override { return {BudgetLaw::kNone, BudgetLaw::kNone, ConservationLaw::kEviction}; }
-  std::vector<Plan> prefill(const LayerInput& in, std::int64_t) const override {
-    return std::vector<Plan>(in.k.size(), Plan::identity(in.tokens()));
+  LayerPlans prefill(const LayerInput& in, std::int64_t budget) const override {
+    return LayerPlans::uniform(std::vector<Plan>(in.k.size(), Plan::identity(in.tokens())), budget);
   }
-  std::unique_ptr<DecodePolicy> decoder(const LayerInput&, std::int64_t) const override { return nullptr; }
+  std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>&) const override {
+    return nullptr;
+  }
   std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t) const override {
     std::vector<std::int64_t> all(static_cast<std::size_t>(n));
     std::iota(all.begin(), all.end(), 0);

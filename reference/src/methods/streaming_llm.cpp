@@ -62,16 +62,16 @@ class StreamingLLM final : public Method {
     return s;
   }
 
-  std::vector<Plan> prefill(const LayerInput& in, std::int64_t budget) const override {
+  LayerPlans prefill(const LayerInput& in, std::int64_t budget) const override {
     const Split s = split(budget);
     const std::int64_t n = in.tokens();
     Plan p = keep_slots(n, streaming_kept(n, s.sinks, s.recent), mode_);
-    return std::vector<Plan>(in.k.size(), p);
+    return LayerPlans::uniform(std::vector<Plan>(in.k.size(), p), budget);
   }
 
-  std::unique_ptr<DecodePolicy> decoder(const LayerInput&, std::int64_t budget) const override {
-    if (!evict_in_decode_) return nullptr;
-    return std::make_unique<Decoder>(split(budget), mode_);
+  std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>& budgets) const override {
+    if (!evict_in_decode_ || budgets.empty()) return nullptr;
+    return std::make_unique<Decoder>(split(budgets.front()), mode_);  // uniform: every head the same
   }
 
   std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t budget) const override {

@@ -18,10 +18,18 @@ enum class ConservationLaw {
   kRowConvex,  // coefficients >= 0 and each row of A_K and A_V sums to 1
 };
 
+/// How a layer's kv heads share the nominal per-head budget B (LayerPlans::head_budgets).
+enum class AllocationLaw {
+  kUniform,     // every head gets B
+  kHeadShared,  // heads differ; the sum is H·B up to one token of rounding per head (AdaKV)
+  kPerLayer,    // all heads of a layer get the same, possibly layer-dependent, budget (PyramidKV)
+};
+
 struct Laws {
   BudgetLaw prefill_budget = BudgetLaw::kExact;
   BudgetLaw decode_budget = BudgetLaw::kNone;
   ConservationLaw conservation = ConservationLaw::kEviction;
+  AllocationLaw allocation = AllocationLaw::kUniform;
 };
 
 inline const char* budget_law_name(BudgetLaw l) {
@@ -29,6 +37,15 @@ inline const char* budget_law_name(BudgetLaw l) {
     case BudgetLaw::kExact: return "exact";
     case BudgetLaw::kAtMost: return "at-most";
     case BudgetLaw::kNone: return "none";
+  }
+  return "?";
+}
+
+inline const char* allocation_law_name(AllocationLaw l) {
+  switch (l) {
+    case AllocationLaw::kUniform: return "uniform";
+    case AllocationLaw::kHeadShared: return "head-shared";
+    case AllocationLaw::kPerLayer: return "per-layer";
   }
   return "?";
 }

@@ -44,6 +44,21 @@ struct DecodeStep {
   const std::vector<VecX>* queries = nullptr;     // per q head, this step's query
 };
 
+/// Prefill output of one layer: a plan per kv head and the budget each plan
+/// answers to. Most methods give every head the layer budget; head-adaptive
+/// ones (AdaKV) and layer-adaptive ones (PyramidKV) declare their allocation
+/// here, and the plan checker holds each plan to its own entry.
+struct LayerPlans {
+  std::vector<Plan> plans;                 // per kv head
+  std::vector<std::int64_t> head_budgets;  // per kv head, tokens
+  /// Every head gets `budget`.
+  static LayerPlans uniform(std::vector<Plan> plans, std::int64_t budget) {
+    LayerPlans out{std::move(plans), {}};
+    out.head_budgets.assign(out.plans.size(), budget);
+    return out;
+  }
+};
+
 /// Per kv head, an optional plan over the head's current slots (nullopt = keep as is).
 using StepPlans = std::vector<std::optional<Plan>>;
 
@@ -64,10 +79,13 @@ class Method {
   /// Canonical spec with every parameter resolved, e.g. "streaming_llm@paper:recent=auto:sinks=4".
   virtual std::string name() const = 0;
   virtual Laws laws() const = 0;
-  /// One plan per kv head over the layer's T prompt tokens, honouring `budget` tokens per head.
-  virtual std::vector<Plan> prefill(const LayerInput& in, std::int64_t budget) const = 0;
-  /// The decode policy for a layer, or nullptr: the cache then grows by one slot per step.
-  virtual std::unique_ptr<DecodePolicy> decoder(const LayerInput& in, std::int64_t budget) const = 0;
+  /// One plan per kv head over the layer's T prompt tokens; `budget` is the
+  /// nominal tokens per kv head (the allocation law says how heads share it).
+  virtual LayerPlans prefill(const LayerInput& in, std::int64_t budget) const = 0;
+  /// The decode policy for a layer given prefill's per-head budgets, or
+  /// nullptr: the cache then grows by one slot per step.
+  virtual std::unique_ptr<DecodePolicy> decoder(const LayerInput& in,
+                                                const std::vector<std::int64_t>& head_budgets) const = 0;
   /// Tokens of an n-token cache the method promises to keep unchanged (sinks,
   /// recent window), checked by the plan checker.
   virtual std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t budget) const = 0;

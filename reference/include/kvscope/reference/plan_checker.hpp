@@ -30,7 +30,16 @@ struct PlanCheck {
 /// Checks everything; never throws for a bad plan (returns violations).
 PlanCheck check_plan(const Plan& plan, const CheckRequest& request);
 
+/// Checks a layer's declared per-head budgets against its allocation law and
+/// the nominal budget (never throws; returns violations).
+PlanCheck check_allocation(const std::vector<std::int64_t>& head_budgets, std::int64_t nominal_budget,
+                           AllocationLaw law);
+
 /// check_plan, throwing Error(kInvariant) prefixed with `context` on any violation.
 void require_valid_plan(const Plan& plan, const CheckRequest& request, std::string_view context);
+
+/// check_allocation, throwing Error(kInvariant) prefixed with `context`.
+void require_valid_allocation(const std::vector<std::int64_t>& head_budgets, std::int64_t nominal_budget,
+                              AllocationLaw law, std::string_view context);
 
 }  // namespace kvscope::ref

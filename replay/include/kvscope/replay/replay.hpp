@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,13 @@ struct ReplayResult {
 /// Runs the replay. Unknown methods and impossible budgets fail before any data
 /// is read. A plan that breaks its method's laws throws Error(kInvariant).
 ReplayResult run_replay(const traces::TraceReader& trace, const ReplayOptions& options,
+                        RecordSink* sink = nullptr, traces::PlanDumpWriter* dump = nullptr);
+
+/// Gives layer l's data (called once per layer, in order).
+using LayerSource = std::function<LayerData(int layer)>;
+
+/// The same replay over layers from anywhere (tests feed generated layers).
+ReplayResult run_replay(const TraceMeta& meta, const LayerSource& read_layer, const ReplayOptions& options,
                         RecordSink* sink = nullptr, traces::PlanDumpWriter* dump = nullptr);
 
 }  // namespace kvscope::replay
