@@ -72,6 +72,8 @@ class DecodePolicy {
   virtual StepPlans after_attend(const DecodeStep& step, const std::vector<VecX>& probs) = 0;
 };
 
+class Scorer;  // scorer.hpp
+
 /// A configured method (family + preset + parameters resolved).
 class Method {
  public:
@@ -89,6 +91,8 @@ class Method {
   /// Tokens of an n-token cache the method promises to keep unchanged (sinks,
   /// recent window), checked by the plan checker.
   virtual std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t budget) const = 0;
+  /// The method's prefill scorer when it is score-then-top-k (AdaKV wraps it), else nullptr.
+  virtual const Scorer* scorer() const { return nullptr; }
 };
 
 /// Canonical "family@preset:key=value..." text of a resolved method.
