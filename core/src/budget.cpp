@@ -34,7 +34,9 @@ Budget Budget::parse(std::string_view text) {
 }
 
 std::int64_t Budget::resolve(std::int64_t n) const {
-  if (kind == Kind::kTokens) return std::min<std::int64_t>(static_cast<std::int64_t>(value), n);
+  // A token budget is a cache size, meaningful beyond the prompt: decode-time
+  // methods evict only once the cache reaches it. Ratios are of the prompt.
+  if (kind == Kind::kTokens) return static_cast<std::int64_t>(value);
   // A tiny epsilon keeps 0.35 * 100 from flooring to 34 through representation error.
   return std::min<std::int64_t>(static_cast<std::int64_t>(std::floor(value * static_cast<double>(n) + 1e-9)), n);
 }

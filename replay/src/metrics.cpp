@@ -10,6 +10,7 @@ StepMetrics step_metrics(const ref::VecX& o_full, const ref::VecX& probs_full, c
   StepMetrics m;
   const double norm = o_full.norm(), norm_c = o_c.norm(), diff = (o_c - o_full).norm();
   m.rel_l2 = norm > 0 ? diff / norm : diff;
+  m.err = diff;
   if (norm > 0 && norm_c > 0)
     m.cosine = std::clamp(o_c.dot(o_full) / (norm * norm_c), -1.0, 1.0);
   else
@@ -47,6 +48,7 @@ void Aggregate::add(const StepMetrics& m, double kept_fraction) {
     ++tv_count;
   }
   sum_kept_fraction += kept_fraction;
+  if (m.bound > 0) max_bound_ratio = std::max(max_bound_ratio, m.err / m.bound);
 }
 
 void Aggregate::merge(const Aggregate& o) {
@@ -58,6 +60,7 @@ void Aggregate::merge(const Aggregate& o) {
   sum_mass_lost += o.sum_mass_lost;
   max_mass_lost = std::max(max_mass_lost, o.max_mass_lost);
   sum_tv += o.sum_tv;
+  max_bound_ratio = std::max(max_bound_ratio, o.max_bound_ratio);
   tv_count += o.tv_count;
   sum_kept_fraction += o.sum_kept_fraction;
 }

@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "kvscope/core/error.hpp"
+#include "kvscope/reference/perturbation_bound.hpp"
 #include "kvscope/reference/plan_apply.hpp"
 #include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
@@ -125,9 +126,12 @@ class LayerRun {
         if (c.plan.positions == PositionMode::kRerotated)
           q = ref::rope_rotate(q, static_cast<double>(c.plan.position.back() - step.token), theta);
         ref::AttentionResult r = ref::attend(q, c.K, c.V);
+        const VecX& p_full = f.probs[hu][static_cast<std::size_t>(s)];
         StepRecord rec{run_, layer_, h, s, c.plan.slots(),
-                       step_metrics(f.out[hu][static_cast<std::size_t>(s)], f.probs[hu][static_cast<std::size_t>(s)],
-                                    r.output, r.probs, c.plan)};
+                       step_metrics(f.out[hu][static_cast<std::size_t>(s)], p_full, r.output, r.probs, c.plan)};
+        const int kv = ref::kv_head_of(h, meta_.q_heads, meta_.kv_heads);
+        rec.metrics.bound = ref::perturbation_bound(c.plan, p_full, f.V[static_cast<std::size_t>(kv)], c.V, r.probs).value;
+        require_within_bound(rec);
         record(rec, c.plan);
         probs[hu] = std::move(r.probs);
       }
@@ -147,6 +151,17 @@ class LayerRun {
     ref::CheckRequest req{law, b, method_.laws().conservation, method_.protected_tokens(plan.n, b)};
     ref::require_valid_plan(plan, req, context("kv head " + std::to_string(kv_head) + " " + stage));
     ++summary_.plans_checked;
+  }
+
+  // The bound is an inequality: a measured error above it means the plan, the
+  // cache or the attention is wrong. Slack covers rounding in both sides.
+  void require_within_bound(const StepRecord& rec) const {
+    const double slack = 1e-9 * (1.0 + rec.metrics.bound) + 1e-12;
+    if (rec.metrics.err > rec.metrics.bound + slack)
+      throw Error(ErrorKind::kInvariant, context("q head " + std::to_string(rec.q_head) + " decode step " +
+                                                 std::to_string(rec.step)) +
+                                             ": attention-output error " + std::to_string(rec.metrics.err) +
+                                             " exceeds the perturbation bound " + std::to_string(rec.metrics.bound));
   }
 
   void record(const StepRecord& rec, const Plan& plan) {

@@ -26,6 +26,7 @@ nlohmann::json aggregate_json(const Aggregate& a) {
   j["max_mass_lost"] = a.max_mass_lost;
   j["mean_tv"] = std::isnan(a.mean_tv()) ? nlohmann::json(nullptr) : nlohmann::json(a.mean_tv());
   j["mean_kept_fraction"] = a.mean_kept_fraction();
+  j["max_err_over_bound"] = a.max_bound_ratio;
   return j;
 }
 
@@ -41,16 +42,17 @@ void write_table(std::ostream& os, const ReplayResult& r) {
        << fmt("%.2e", r.self_check.max_rel_l2) << "\n";
   os << "error of decode-step attention outputs vs the full cache (mean over layers, q heads, steps)\n\n";
   char line[512];
-  std::snprintf(line, sizeof line, "%-44s %7s %7s %10s %10s %9s %9s %10s %9s %9s %7s\n", "method", "budget", "kept",
-                "relL2 mean", "relL2 max", "cos mean", "cos min", "mass lost", "TV mean", "KV MiB", "checks");
+  std::snprintf(line, sizeof line, "%-44s %7s %7s %10s %10s %9s %9s %10s %9s %9s %9s %7s\n", "method", "budget", "kept",
+                "relL2 mean", "relL2 max", "cos mean", "cos min", "mass lost", "TV mean", "err/bound", "KV MiB", "checks");
   os << line;
   for (const RunSummary& s : r.runs) {
     std::string name = s.label.size() > 44 ? s.label.substr(0, 41) + "..." : s.label;
     const double tv = s.all.mean_tv();
-    std::snprintf(line, sizeof line, "%-44s %7s %6.1f%% %10.3e %10.3e %9.6f %9.6f %10.3e %9s %9.3f %7lld\n",
+    std::snprintf(line, sizeof line, "%-44s %7s %6.1f%% %10.3e %10.3e %9.6f %9.6f %10.3e %9s %9.3f %9.3f %7lld\n",
                   name.c_str(), s.budget.c_str(), 100.0 * s.all.mean_kept_fraction(), s.all.mean_rel_l2(),
                   s.all.max_rel_l2, s.all.mean_cosine(), s.all.min_cosine, s.all.mean_mass_lost(),
-                  std::isnan(tv) ? "-" : fmt("%.3e", tv).c_str(), static_cast<double>(s.final_kv_bytes) / (1 << 20),
+                  std::isnan(tv) ? "-" : fmt("%.3e", tv).c_str(), s.all.max_bound_ratio,
+                  static_cast<double>(s.final_kv_bytes) / (1 << 20),
                   static_cast<long long>(s.plans_checked));
     os << line;
   }
@@ -109,14 +111,14 @@ void write_summary_csv(std::ostream& os, const ReplayResult& r) {
 CsvRecordSink::CsvRecordSink(const std::string& path) : out_(path) {
   if (!out_) throw Error(ErrorKind::kIo, "cannot write '" + path + "'");
   out_.precision(9);
-  out_ << "run,layer,q_head,step,slots,rel_l2,cosine,mass_lost,tv\n";
+  out_ << "run,layer,q_head,step,slots,rel_l2,cosine,mass_lost,tv,err,bound\n";
 }
 
 void CsvRecordSink::on_record(const StepRecord& r) {
   out_ << r.run << ',' << r.layer << ',' << r.q_head << ',' << r.step << ',' << r.slots << ',' << r.metrics.rel_l2
        << ',' << r.metrics.cosine << ',' << r.metrics.mass_lost << ',';
   if (!std::isnan(r.metrics.tv)) out_ << r.metrics.tv;
-  out_ << '\n';
+  out_ << ',' << r.metrics.err << ',' << r.metrics.bound << '\n';
 }
 
 }  // namespace kvscope::replay

@@ -17,7 +17,10 @@ TEST(Budget, IntegerIsTokensDecimalAndPercentAreRatios) {
   EXPECT_EQ(Budget::parse("0").resolve(10), 0);
 }
 
-TEST(Budget, NeverMoreThanTheTokens) { EXPECT_EQ(Budget::parse("4096").resolve(512), 512); }
+TEST(Budget, TokenBudgetsAreCacheSizesNotCappedAtThePrompt) {
+  EXPECT_EQ(Budget::parse("4096").resolve(512), 4096);
+  EXPECT_EQ(Budget::parse("100%").resolve(512), 512);
+}
 
 TEST(Budget, LabelsRoundTrip) {
   EXPECT_EQ(Budget::parse("50%").label(), "50%");

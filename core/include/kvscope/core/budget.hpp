@@ -19,8 +19,8 @@ struct Budget {
   /// Parses the text form; throws Error(kUsage) naming the bad text.
   static Budget parse(std::string_view text);
 
-  /// Tokens per head for a prompt of n tokens: a count as is, a ratio floor(r*n)
-  /// (kvpress's int(L*(1-cr))). Never more than n.
+  /// Tokens per head for a prompt of n tokens: a count as is (a cache size, may
+  /// exceed n), a ratio floor(r*n) (kvpress's int(L*(1-cr))).
   std::int64_t resolve(std::int64_t n) const;
   /// Canonical label for tables: "512" or "50%".
   std::string label() const;

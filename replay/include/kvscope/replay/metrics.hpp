@@ -16,6 +16,8 @@ struct StepMetrics {
   double cosine = 1;     // cos(o_c, o); 1 when both are zero
   double mass_lost = 0;  // full-cache attention on tokens in no slot (evicted)
   double tv = std::numeric_limits<double>::quiet_NaN();  // total variation; eviction plans only
+  double bound = 0;      // perturbation bound on ||o_c - o|| (reference/perturbation_bound.hpp)
+  double err = 0;        // ||o_c - o||, what the bound bounds
 };
 
 /// `probs_full` is over the n original tokens; `probs_c` over the plan's slots.
@@ -31,6 +33,7 @@ struct Aggregate {
   double sum_tv = 0;
   std::int64_t tv_count = 0;
   double sum_kept_fraction = 0;
+  double max_bound_ratio = 0;  // max over steps of err / bound (<= 1 by the bound; 0 when bound is 0)
 
   void add(const StepMetrics& m, double kept_fraction);
   void merge(const Aggregate& o);
