@@ -1,6 +1,8 @@
 #include "kvscope/replay/replay.hpp"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <memory>
 
 #include "kvscope/core/error.hpp"
@@ -131,6 +133,7 @@ class LayerRun {
                        step_metrics(f.out[hu][static_cast<std::size_t>(s)], p_full, r.output, r.probs, c.plan)};
         const int kv = ref::kv_head_of(h, meta_.q_heads, meta_.kv_heads);
         rec.metrics.bound = ref::perturbation_bound(c.plan, p_full, f.V[static_cast<std::size_t>(kv)], c.V, r.probs).value;
+        require_finite(rec);
         require_within_bound(rec);
         record(rec, c.plan);
         probs[hu] = std::move(r.probs);
@@ -151,6 +154,21 @@ class LayerRun {
     ref::CheckRequest req{law, b, method_.laws().conservation, method_.protected_tokens(plan.n, b)};
     ref::require_valid_plan(plan, req, context("kv head " + std::to_string(kv_head) + " " + stage));
     ++summary_.plans_checked;
+  }
+
+  // Numbers policy (docs/robustness.md): inputs are finite (checked on read), so
+  // a non-finite metric is an overflow the reference did not survive. It is an
+  // error naming where, never a NaN in a table. TV is NaN by design ("n/a")
+  // for non-eviction plans, so only an infinite TV counts.
+  void require_finite(const StepRecord& rec) const {
+    const StepMetrics& m = rec.metrics;
+    const char* bad = !std::isfinite(m.rel_l2) ? "rel-L2" : !std::isfinite(m.cosine) ? "cosine"
+                    : !std::isfinite(m.mass_lost) ? "mass lost" : std::isinf(m.tv) ? "TV"
+                    : !std::isfinite(m.bound) ? "perturbation bound" : !std::isfinite(m.err) ? "error" : nullptr;
+    if (bad != nullptr)
+      throw Error(ErrorKind::kBadNumber, context("q head " + std::to_string(rec.q_head) + " decode step " +
+                                                 std::to_string(rec.step)) +
+                                             ": " + bad + " is not finite (the values overflowed double precision)");
   }
 
   // The bound is an inequality: a measured error above it means the plan, the
@@ -224,14 +242,34 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
       result.runs.push_back(std::move(s));
     }
 
+  // Layers from a LayerSource did not necessarily pass the reader: same shape
+  // and NaN/Inf rules (a linear pass, small next to the attention).
+  auto read_checked = [&](int l) {
+    LayerData data = read_layer(l);
+    traces::check_layer(meta, data, "layer " + std::to_string(l));
+    return data;
+  };
   const std::int64_t row_bytes = 2LL * meta.head_dim * dtype_bytes(meta.dtype);  // one K row + one V row
+  // Layer-coupled methods see every layer before their first prefill: one
+  // extra read of the trace, only when such a method is in the run.
+  std::vector<std::unique_ptr<ref::LayerCoupling>> couplings;
+  for (const Run& r : runs) couplings.push_back(r.method->coupling(meta, r.budget));
+  if (std::any_of(couplings.begin(), couplings.end(), [](const auto& c) { return c != nullptr; }))
+    for (int l = 0; l < meta.layers; ++l) {
+      const LayerData data = read_checked(l);
+      const ref::LayerInput in = make_layer_input(meta, l, data);
+      for (auto& c : couplings)
+        if (c) c->observe(in);
+    }
+
   for (int l = 0; l < meta.layers; ++l) {
-    const LayerData data = read_layer(l);
-    const ref::LayerInput in = make_layer_input(meta, l, data);
+    const LayerData data = read_checked(l);
+    ref::LayerInput in = make_layer_input(meta, l, data);
     const FullLayer full = full_layer(meta, data, result.self_check);
     for (std::size_t r = 0; r < runs.size(); ++r) {
       const auto t0 = std::chrono::steady_clock::now();
       RunSummary& summary = result.runs[r];
+      in.coupling = couplings[r].get();
       LayerRun run(meta, l, *runs[r].method, runs[r].budget, static_cast<int>(r), summary, sink);
       std::vector<HeadCache> caches = run.prefill(in, full, dump);
       run.decode(in, full, caches);

@@ -16,6 +16,16 @@ enum class BudgetLaw {
 enum class ConservationLaw {
   kEviction,   // rows one-hot with coefficient 1; each token in at most one slot; counts 1
   kRowConvex,  // coefficients >= 0 and each row of A_K and A_V sums to 1
+  // Value-only merging (CaM): A_K one-hot with coefficient 1 (keys untouched);
+  // each slot's value row holds its key's token with coefficient exactly 1 plus
+  // non-negative shares of tokens whose keys were evicted; a kept token's value
+  // is in no other slot; an evicted token's value coefficients sum to <= 1
+  // (handed on at most once; 1 = fully, 0 = dropped, between = a share was
+  // dropped again further down a merge cascade).
+  kValueHandOff,
+  // Merging with count-scaled values (KVMerger's |S|-scaling switch): each row
+  // of A_K sums to 1, each row of A_V sums to the slot's count.
+  kMergeScaledValues,
 };
 
 /// How a layer's kv heads share the nominal per-head budget B (LayerPlans::head_budgets).
@@ -54,6 +64,8 @@ inline const char* conservation_law_name(ConservationLaw l) {
   switch (l) {
     case ConservationLaw::kEviction: return "eviction";
     case ConservationLaw::kRowConvex: return "row-convex";
+    case ConservationLaw::kValueHandOff: return "value-hand-off";
+    case ConservationLaw::kMergeScaledValues: return "merge-scaled-values";
   }
   return "?";
 }

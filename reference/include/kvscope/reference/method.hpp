@@ -18,6 +18,8 @@
 
 namespace kvscope::ref {
 
+class LayerCoupling;
+
 /// What a method sees of one layer at prefill, in double precision.
 struct LayerInput {
   const TraceMeta* meta = nullptr;
@@ -26,6 +28,8 @@ struct LayerInput {
   std::vector<MatX> k;  // per kv head, [T x d]
   std::vector<MatX> v;  // per kv head, [T x d]
   std::vector<VecX> attn_colsum;  // per q head, [T]; empty when the trace has none
+  /// The method's own first-pass state (Method::coupling), or nullptr.
+  const LayerCoupling* coupling = nullptr;
   std::int64_t tokens() const { return k.empty() ? 0 : k.front().rows(); }
 };
 
@@ -74,6 +78,16 @@ class DecodePolicy {
 
 class Scorer;  // scorer.hpp
 
+/// Layer-coupled methods (DynamicKV re-allocates budgets across layers from
+/// every layer's scores) see all layers in a first pass before any prefill;
+/// prefill then finds this object in LayerInput::coupling.
+class LayerCoupling {
+ public:
+  virtual ~LayerCoupling() = default;
+  /// Called once per layer, in layer order, with that layer's prefill input.
+  virtual void observe(const LayerInput& in) = 0;
+};
+
 /// A configured method (family + preset + parameters resolved).
 class Method {
  public:
@@ -91,6 +105,10 @@ class Method {
   /// Tokens of an n-token cache the method promises to keep unchanged (sinks,
   /// recent window), checked by the plan checker.
   virtual std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t budget) const = 0;
+  /// First-pass state for layer-coupled methods, or nullptr (the usual case).
+  virtual std::unique_ptr<LayerCoupling> coupling(const TraceMeta& /*meta*/, std::int64_t /*budget*/) const {
+    return nullptr;
+  }
   /// The method's prefill scorer when it is score-then-top-k (AdaKV wraps it), else nullptr.
   virtual const Scorer* scorer() const { return nullptr; }
 };
