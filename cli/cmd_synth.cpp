@@ -31,6 +31,9 @@ void add_synth(CLI::App& app, Runner& run) {
   s->add_option("--seed", c.seed, "seed; the same seed gives the same bits")->capture_default_str();
   s->add_option("--dtype", a->dtype, "storage dtype: float32, float16, bfloat16")->capture_default_str();
   s->add_flag("--deflate", a->deflate, "shuffle + deflate the datasets");
+  // attn_colsum costs O(T^2 d) per q head: skip it for long synthetic traces.
+  s->add_flag("!--no-colsum", c.record_colsum, "do not record prefill/attn_colsum (quadratic in the prompt)");
+  s->add_flag("!--no-outputs", c.record_outputs, "do not record decode/o");
   s->callback([&run, a] {
     run = [a] {
       const auto dtype = parse_dtype(a->dtype);

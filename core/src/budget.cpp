@@ -22,6 +22,9 @@ Budget Budget::parse(std::string_view text) {
     auto [p, ec] = std::from_chars(num.data(), num.data() + num.size(), n);
     if (ec != std::errc() || p != num.data() + num.size()) throw bad("not an integer token count or a ratio");
     if (n < 0) throw bad("token count must be >= 0");
+    // Stored as a double: beyond 2^53 it is inexact, and near 2^63 converting it
+    // back is undefined behaviour (found by fuzz_method_spec).
+    if (n > (std::int64_t{1} << 53)) throw bad("token count must be <= 2^53");
     return tokens(n);
   }
   double r = 0;

@@ -57,6 +57,27 @@ void check_budget(const Plan& p, const CheckRequest& r, std::vector<std::string>
     v.push_back("budget law 'at-most': " + std::to_string(m) + " slots exceed budget " + std::to_string(r.budget));
 }
 
+// Norm-preserving keys (EMS, laws.hpp kNormPreservingKeys): one row's rules;
+// the key's norm itself needs the data and is tested in test_ems.
+void check_norm_preserving_row(const Plan& p, std::int64_t i, double sv, std::vector<std::string>& v) {
+  const std::string slot = "slot " + std::to_string(i);
+  const auto iu = static_cast<std::size_t>(i);
+  const std::int64_t len = p.row_end(i) - p.row_begin(i);
+  if (std::abs(sv - 1.0) > kCoefTol)
+    v.push_back(slot + " value row sums to " + std::to_string(sv) + ", norm-preserving-keys law needs 1");
+  if (p.count[iu] != len)
+    v.push_back(slot + " counts " + std::to_string(p.count[iu]) + " tokens but has " + std::to_string(len) + " entries");
+  bool centre = false;
+  for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
+    const auto eu = static_cast<std::size_t>(e);
+    if (p.token[eu] == p.position[iu] && p.coef_v[eu] > 0) centre = true;
+    if (len == 1 && (p.coef_k[eu] != 1.0 || p.coef_v[eu] != 1.0))
+      v.push_back(slot + " holds one token with coefficients other than (1, 1)");
+  }
+  if (!centre && len > 0)
+    v.push_back(slot + " does not hold its centre token " + std::to_string(p.position[iu]) + " with a positive value weight");
+}
+
 void check_conservation(const Plan& p, const CheckRequest& r, std::vector<std::string>& v) {
   std::vector<int> uses(static_cast<std::size_t>(p.n), 0);
   for (std::int64_t i = 0; i < p.slots(); ++i) {
@@ -74,17 +95,65 @@ void check_conservation(const Plan& p, const CheckRequest& r, std::vector<std::s
       if (len != 1 || p.coef_k[b] != 1.0 || p.coef_v[b] != 1.0)
         v.push_back(slot + " is not one-hot with coefficient 1 (eviction law)");
       if (p.count[static_cast<std::size_t>(i)] != 1) v.push_back(slot + " counts " + std::to_string(p.count[static_cast<std::size_t>(i)]) + " tokens, eviction keeps 1");
-    } else if (std::abs(sk - 1.0) > kCoefTol || std::abs(sv - 1.0) > kCoefTol) {
+    } else if (r.conservation == ConservationLaw::kRowConvex &&
+               (std::abs(sk - 1.0) > kCoefTol || std::abs(sv - 1.0) > kCoefTol)) {
       v.push_back(slot + " rows sum to (" + std::to_string(sk) + ", " + std::to_string(sv) + "), row-convex law needs 1");
+    } else if (r.conservation == ConservationLaw::kMergeScaledValues) {
+      const auto cnt = static_cast<double>(p.count[static_cast<std::size_t>(i)]);
+      if (std::abs(sk - 1.0) > kCoefTol || std::abs(sv - cnt) > kCoefTol * cnt)
+        v.push_back(slot + " rows sum to (" + std::to_string(sk) + ", " + std::to_string(sv) +
+                    "), merge-scaled-values law needs (1, count " + std::to_string(cnt) + ")");
+    } else if (r.conservation == ConservationLaw::kNormPreservingKeys) {
+      check_norm_preserving_row(p, i, sv, v);
     }
     if (p.positions == PositionMode::kRerotated && p.position[static_cast<std::size_t>(i)] != i)
       v.push_back(slot + " is re-rotated but carries position " + std::to_string(p.position[static_cast<std::size_t>(i)]));
   }
-  // Accounting: no original token may stand in two slots under eviction.
-  if (r.conservation == ConservationLaw::kEviction)
+  // Accounting: eviction and merging partition tokens; none may stand in two
+  // slots (value hand-off has its own rule below).
+  if (r.conservation != ConservationLaw::kValueHandOff)
     for (std::int64_t j = 0; j < p.n; ++j)
       if (uses[static_cast<std::size_t>(j)] > 1)
         v.push_back("token " + std::to_string(j) + " appears in " + std::to_string(uses[static_cast<std::size_t>(j)]) + " slots");
+}
+
+// Value hand-off (CaM): keys untouched, each slot's own value intact, merged
+// value mass of an evicted token at most 1 in total (laws.hpp kValueHandOff).
+void check_value_hand_off(const Plan& p, std::vector<std::string>& v) {
+  constexpr double kMassTol = 1e-9;  // sums of many products of 1/m shares
+  std::vector<std::int64_t> key_slot(static_cast<std::size_t>(p.n), -1);
+  for (std::int64_t i = 0; i < p.slots(); ++i) {
+    std::int64_t keys = 0, key = -1;
+    for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
+      const auto eu = static_cast<std::size_t>(e);
+      if (p.coef_k[eu] == 0.0) continue;
+      ++keys;
+      key = p.token[eu];
+      if (p.coef_k[eu] != 1.0 || p.coef_v[eu] != 1.0)
+        v.push_back("slot " + std::to_string(i) + " key token " + std::to_string(key) +
+                    " is not carried with coefficients (1, 1) (value-hand-off law)");
+    }
+    if (keys != 1) {
+      v.push_back("slot " + std::to_string(i) + " has " + std::to_string(keys) + " key entries, value-hand-off keeps 1");
+    } else if (key_slot[static_cast<std::size_t>(key)] >= 0) {
+      v.push_back("token " + std::to_string(key) + " is the key of two slots");
+    } else {
+      key_slot[static_cast<std::size_t>(key)] = i;
+    }
+  }
+  std::vector<double> mass(static_cast<std::size_t>(p.n), 0.0);
+  for (std::int64_t i = 0; i < p.slots(); ++i)
+    for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
+      const auto eu = static_cast<std::size_t>(e);
+      const auto j = static_cast<std::size_t>(p.token[eu]);
+      if (p.coef_k[eu] != 0.0) continue;
+      if (key_slot[j] >= 0)
+        v.push_back("kept token " + std::to_string(j) + " also hands its value to slot " + std::to_string(i));
+      mass[j] += p.coef_v[eu];
+    }
+  for (std::size_t j = 0; j < mass.size(); ++j)
+    if (mass[j] > 1.0 + kMassTol)
+      v.push_back("evicted token " + std::to_string(j) + " hands on value mass " + std::to_string(mass[j]) + " > 1");
 }
 
 void check_protected(const Plan& p, const CheckRequest& r, std::vector<std::string>& v) {
@@ -113,6 +182,7 @@ PlanCheck check_plan(const Plan& plan, const CheckRequest& request) {
   if (!check_structure(plan, c.violations)) return c;
   check_budget(plan, request, c.violations);
   check_conservation(plan, request, c.violations);
+  if (request.conservation == ConservationLaw::kValueHandOff) check_value_hand_off(plan, c.violations);
   check_protected(plan, request, c.violations);
   return c;
 }

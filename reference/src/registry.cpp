@@ -5,8 +5,19 @@
 #include <cmath>
 
 #include "kvscope/core/error.hpp"
+#include "kvscope/reference/methods/cam.hpp"
 #include "kvscope/reference/methods/full.hpp"
+#include "kvscope/reference/methods/h2o.hpp"
+#include "kvscope/reference/methods/knorm.hpp"
 #include "kvscope/reference/methods/streaming_llm.hpp"
+#include "kvscope/reference/methods/tova.hpp"
+#include "kvscope/reference/methods/snapkv.hpp"
+#include "kvscope/reference/methods/pyramidkv.hpp"
+#include "kvscope/reference/methods/adakv.hpp"
+#include "kvscope/reference/methods/kvmerger.hpp"
+#include "kvscope/reference/methods/weightedkv.hpp"
+#include "kvscope/reference/methods/dynamickv.hpp"
+#include "kvscope/reference/methods/ems.hpp"
 
 namespace kvscope::ref {
 
@@ -52,7 +63,7 @@ std::string Params::choice(const std::string& name, const std::vector<std::strin
 }
 
 const std::vector<FamilyInfo>& method_families() {
-  static const std::vector<FamilyInfo> families = {full_family(), streaming_llm_family()};
+  static const std::vector<FamilyInfo> families = {full_family(), streaming_llm_family(), h2o_family(), tova_family(), knorm_family(), cam_family(), snapkv_family(), pyramidkv_family(), adakv_family(), kvmerger_family(), weightedkv_family(), dynamickv_family(), ems_family()};
   return families;
 }
 

@@ -25,7 +25,9 @@ StepMetrics step_metrics(const ref::VecX& o_full, const ref::VecX& probs_full, c
     if (plan.row_end(i) - plan.row_begin(i) != 1) one_hot = false;
     for (std::int64_t e = plan.row_begin(i); e < plan.row_end(i); ++e) {
       const std::int64_t j = plan.token[static_cast<std::size_t>(e)];
-      present[static_cast<std::size_t>(j)] = 1;
+      // A value-only share (coef_k 0, CaM) leaves the token's key evicted:
+      // attention can no longer reach it, so its mass counts as lost.
+      if (plan.coef_k[static_cast<std::size_t>(e)] != 0.0) present[static_cast<std::size_t>(j)] = 1;
       p_tokens[j] += probs_c[i];
     }
   }

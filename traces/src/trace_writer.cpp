@@ -91,12 +91,6 @@ void write_dataset(hid_t group, const char* name, const Tensor& t, DType dtype, 
   }
 }
 
-std::string shape_string(const std::vector<std::int64_t>& s) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 }  // namespace
 
 struct TraceWriter::Impl {
@@ -111,25 +105,7 @@ struct TraceWriter::Impl {
   std::string layer_label(int layer) const { return path + ": layer " + std::to_string(layer); }
 
   // Shapes, presence of optional datasets, and values: all before any write.
-  void check_layer(int layer, const LayerData& data) const {
-    for (const schema::DatasetSpec& spec : schema::datasets()) {
-      const Tensor* t = schema::find(data, spec);
-      const std::string label = layer_label(layer) + ": " + schema::dataset_name(spec);
-      const char* flag = schema::presence_flag(spec);
-      const bool want = schema::is_present(spec, meta);
-      if (want && t == nullptr) throw Error(ErrorKind::kTraceInvalid, label + " is missing but " + flag + " = 1");
-      if (!want && t != nullptr) throw Error(ErrorKind::kTraceInvalid, label + " is given but " + flag + " = 0");
-      if (t == nullptr) continue;
-      const std::vector<std::int64_t> expected = schema::shape(spec, meta);
-      if (t->shape != expected)
-        throw Error(ErrorKind::kTraceInvalid,
-                    label + " has shape " + shape_string(t->shape) + ", expected " + shape_string(expected));
-      if (t->size() != Tensor::count(t->shape))
-        throw Error(ErrorKind::kTraceInvalid, label + " holds " + std::to_string(t->size()) +
-                                                  " values, its shape says " + std::to_string(Tensor::count(t->shape)));
-      schema::check_values(*t, spec, label);
-    }
-  }
+  void check_layer(int layer, const LayerData& data) const { traces::check_layer(meta, data, layer_label(layer)); }
 
   void write_root_attributes() const {
     const hid_t root = file.get();

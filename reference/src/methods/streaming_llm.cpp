@@ -44,7 +44,9 @@ class StreamingLLM final : public Method {
 
   std::string name() const override { return method_name("streaming_llm", preset_, params_); }
   Laws laws() const override {
-    return {BudgetLaw::kExact, evict_in_decode_ ? BudgetLaw::kAtMost : BudgetLaw::kNone, ConservationLaw::kEviction};
+    // With both sizes fixed the cache may stay below the budget (sinks + recent < B).
+    const BudgetLaw fill = sinks_auto_ || recent_auto_ ? BudgetLaw::kExact : BudgetLaw::kAtMost;
+    return {fill, evict_in_decode_ ? BudgetLaw::kAtMost : BudgetLaw::kNone, ConservationLaw::kEviction};
   }
 
   // The budget split into sinks and recent; the auto part takes the rest.

@@ -26,6 +26,12 @@ enum class ConservationLaw {
   // Merging with count-scaled values (KVMerger's |S|-scaling switch): each row
   // of A_K sums to 1, each row of A_V sums to the slot's count.
   kMergeScaledValues,
+  // Merging with norm-preserving keys (EMS): each row of A_V sums to 1; A_K is
+  // non-negative on the same tokens (the key is a positive multiple of a convex
+  // combination, rescaled to its centre's norm: data-dependent, tested in
+  // test_ems); the slot's position token (its centre) is in its row with a
+  // positive value weight; count = entries; a one-entry row is (1, 1).
+  kNormPreservingKeys,
 };
 
 /// How a layer's kv heads share the nominal per-head budget B (LayerPlans::head_budgets).
@@ -66,6 +72,7 @@ inline const char* conservation_law_name(ConservationLaw l) {
     case ConservationLaw::kRowConvex: return "row-convex";
     case ConservationLaw::kValueHandOff: return "value-hand-off";
     case ConservationLaw::kMergeScaledValues: return "merge-scaled-values";
+    case ConservationLaw::kNormPreservingKeys: return "norm-preserving-keys";
   }
   return "?";
 }

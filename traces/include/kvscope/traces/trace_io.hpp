@@ -73,6 +73,12 @@ class TraceReader {
   std::unique_ptr<Impl> impl_;
 };
 
+/// Checks one in-memory layer against `meta` as the writer and reader do:
+/// every dataset present exactly when the metadata says, of the exact shape,
+/// every value finite and attn_colsum >= 0. Throws kTraceInvalid (shape) or
+/// kBadNumber naming `label`, the dataset and the element.
+void check_layer(const TraceMeta& meta, const LayerData& data, const std::string& label);
+
 /// Convenience: writes all layers at once.
 void write_trace(const std::string& path, const TraceMeta& meta, const std::vector<LayerData>& layers,
                  WriteOptions options = {});

@@ -1,0 +1,349 @@
+#include "kvscope/reference/methods/dynamickv.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "kvscope/core/error.hpp"
+
+namespace kvscope::ref {
+
+double python_floordiv(double vx, double wx) {
+  // CPython Objects/floatobject.c _float_div_mod, the floor part.
+  double mod = std::fmod(vx, wx);
+  double div = (vx - mod) / wx;
+  if (mod != 0.0) {
+    if ((wx < 0) != (mod < 0)) {
+      mod += wx;
+      div -= 1.0;
+    }
+  }
+  if (div != 0.0) {
+    double floordiv = std::floor(div);
+    if (div - floordiv > 0.5) floordiv += 1.0;
+    return floordiv;
+  }
+  return std::copysign(0.0, vx / wx);
+}
+
+namespace {
+
+// Python's integer a // b.
+std::int64_t int_floordiv(std::int64_t a, std::int64_t b) {
+  const std::int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// Number of entries of a global top-k over the flat scores of layers
+// 0..n-1 (layer-major, then head, then token) that fall in each layer; ties
+// go to the lower flat index.
+std::vector<std::int64_t> topk_counts(const std::vector<std::vector<VecX>>& s, int n, std::int64_t k) {
+  std::vector<std::pair<double, std::int64_t>> z;
+  std::vector<std::int64_t> layer_of;
+  for (int l = 0; l < n; ++l)
+    for (const VecX& h : s[static_cast<std::size_t>(l)])
+      for (Eigen::Index j = 0; j < h.size(); ++j) {
+        z.emplace_back(h[j], static_cast<std::int64_t>(z.size()));
+        layer_of.push_back(l);
+      }
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(n), 0);
+  k = std::clamp<std::int64_t>(k, 0, static_cast<std::int64_t>(z.size()));
+  if (k == 0) return counts;
+  auto better = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
+  std::nth_element(z.begin(), z.begin() + (k - 1), z.end(), better);
+  for (std::int64_t i = 0; i < k; ++i)
+    ++counts[static_cast<std::size_t>(layer_of[static_cast<std::size_t>(z[static_cast<std::size_t>(i)].second)])];
+  return counts;
+}
+
+}  // namespace
+
+DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c) {
+  const int L = c.layers;
+  if (L < 1 || static_cast<int>(scores.size()) != L)
+    throw Error(ErrorKind::kUsage, "dynamickv: the schedule needs the scores of all " + std::to_string(L) +
+                                       " layers, got " + std::to_string(scores.size()));
+  if (c.base < 0 || c.window < 0 || c.interval < 1 || !(c.r_max >= 0))
+    throw Error(ErrorKind::kUsage, "dynamickv: schedule needs base >= 0, window >= 0, interval >= 1, r_max >= 0");
+  const auto H = static_cast<std::int64_t>(scores.front().size());
+  const std::int64_t Lp = H > 0 ? scores.front().front().size() : 0;
+  for (const auto& layer : scores) {
+    if (static_cast<std::int64_t>(layer.size()) != H)
+      throw Error(ErrorKind::kUsage, "dynamickv: every layer needs scores for the same number of heads");
+    for (const VecX& h : layer)
+      if (h.size() != Lp) throw Error(ErrorKind::kUsage, "dynamickv: every head needs Lp scores");
+  }
+  const std::int64_t w = c.window, b = c.base;
+  DynamicKVSchedule out;
+  // budget_compute_per_layer: self.budget_size = min(int(radio_max * base), q_len - window_size).
+  out.bmax = std::min(static_cast<std::int64_t>(c.r_max * static_cast<double>(b)), Lp);
+  std::vector<DynamicKVEntry> initial;
+  for (std::int64_t r = 0; r < out.bmax; ++r) initial.push_back(r);
+  for (std::int64_t u = 0; u < w; ++u) initial.push_back(-(u + 1));
+  out.layout.assign(static_cast<std::size_t>(L), initial);
+
+  const std::int64_t need = b * L;  // need_fill_kv = base * num_hidden_layers
+  for (int l = 0; l < L; ++l) {
+    if (l % c.interval != c.interval - 1) continue;
+    const int n = l + 1;
+    DynamicKVUpdate up;
+    up.layer = l;
+    const std::int64_t tk = b * H * n;
+    up.topk = std::min(tk, H * Lp * n);  // topk(k=tk), or numel() when tk exceeds it (the except branch)
+    up.counts = topk_counts(scores, n, up.topk);
+    for (auto& x : up.counts) x = int_floordiv(x, n);  // counts // gather_attn.shape[0]
+    std::int64_t sum_c = std::accumulate(up.counts.begin(), up.counts.end(), std::int64_t{0});
+    if (sum_c != H * Lp && l == L - 1) {  // the last layer tops up the last count
+      up.counts.back() += int_floordiv(tk, L) - sum_c;
+      sum_c = std::accumulate(up.counts.begin(), up.counts.end(), std::int64_t{0});
+    }
+    std::int64_t sum_u = 0;
+    if (sum_c != 0 && need != 0) {
+      for (std::int64_t cj : up.counts) {
+        // t / torch.sum(counts).item(): int64 tensor / int -> float32; budget_size * t in float32; int().
+        const float t = static_cast<float>(cj) / static_cast<float>(sum_c);
+        const float prod = static_cast<float>(out.bmax) * t;
+        up.scaled.push_back(static_cast<std::int64_t>(static_cast<double>(prod)));
+        sum_u += up.scaled.back();
+      }
+      up.rho = static_cast<double>(sum_u) / static_cast<double>(need);
+    }
+    if (sum_c == 0 || need == 0 || up.rho == 0.0) {
+      // The code divides by zero here; reconstructed guard: every layer so far gets b.
+      up.fallback = true;
+      up.budgets.assign(static_cast<std::size_t>(n), b);
+    } else {
+      for (std::int64_t u : up.scaled)
+        up.budgets.push_back(static_cast<std::int64_t>(python_floordiv(static_cast<double>(u), up.rho)));
+      const std::int64_t sum_b = std::accumulate(up.budgets.begin(), up.budgets.end(), std::int64_t{0});
+      if (sum_b != need) up.budgets.back() += need - sum_b;
+    }
+    for (int j = 0; j < n; ++j) {
+      auto& lay = out.layout[static_cast<std::size_t>(j)];
+      const auto len = static_cast<std::int64_t>(lay.size());
+      std::int64_t fix = std::min(up.budgets[static_cast<std::size_t>(j)], Lp);  // if fix_length > Lp: Lp
+      std::int64_t end = 0;
+      if (c.mode == DynamicKVMode::kBitFaithful) {
+        end = fix >= 0 ? std::min(fix, len) : std::max<std::int64_t>(0, len + fix);  // Python slice [:fix]
+      } else {
+        end = std::clamp<std::int64_t>(fix, 0, len - w);  // never more than the layer still holds
+        fix = end;
+      }
+      up.clipped.push_back(fix);
+      std::vector<DynamicKVEntry> next(lay.begin(), lay.begin() + end);
+      next.insert(next.end(), lay.end() - std::min(w, len), lay.end());  // k_cache[:, :, -window_size:]
+      lay = std::move(next);
+    }
+    out.updates.push_back(std::move(up));
+  }
+  for (const auto& lay : out.layout) {
+    const auto ranks = std::count_if(lay.begin(), lay.end(), [](DynamicKVEntry e) { return e >= 0; });
+    out.prefix.push_back(ranks);
+    out.duplicates.push_back(static_cast<std::int64_t>(lay.size()) - ranks - w);
+  }
+  return out;
+}
+
+std::vector<VecX> dynamickv_layer_scores(const LayerInput& in, std::int64_t window, std::int64_t kernel, Pool pool) {
+  const std::int64_t T = in.tokens(), w = std::min(window, T), Lp = T - w;
+  const int hq = static_cast<int>(in.q.size()), hkv = static_cast<int>(in.k.size());
+  std::vector<VecX> out;
+  for (int h = 0; h < hq; ++h) {
+    const MatX& K = in.k[static_cast<std::size_t>(kv_head_of(h, hq, hkv))];
+    // attn_weights[:, :, -w:, :-w].sum(dim=-2), then avg/max_pool1d(kernel, padding kernel//2, stride 1).
+    const VecX a = window_scores(in.q[static_cast<std::size_t>(h)], K, w, Reduce::kSum).head(Lp);
+    out.push_back(pool1d(a, kernel, pool));
+  }
+  return out;
+}
+
+namespace {
+
+struct DynamicKVParams {
+  std::int64_t window = 8;
+  double r_max = 10;
+  std::int64_t kernel = 7;
+  Pool pool = Pool::kAvg;
+  std::int64_t interval = 4;
+  DynamicKVMode mode = DynamicKVMode::kBitFaithful;
+  Reduce group = Reduce::kMean;
+};
+
+std::int64_t effective_window(const DynamicKVParams& p, std::int64_t T) { return std::min(p.window, T); }
+
+void require_budget(const DynamicKVParams& p, std::int64_t T, std::int64_t budget) {
+  const std::int64_t w = effective_window(p, T);
+  if (budget < w)
+    throw Error(ErrorKind::kImpossibleBudget,
+                "dynamickv: budget " + std::to_string(budget) + " is smaller than the observation window " +
+                    std::to_string(w) + " (window " + std::to_string(p.window) + ", " + std::to_string(T) +
+                    " prompt tokens): base = budget - window would be negative");
+}
+
+DynamicKVScheduleConfig schedule_config(const DynamicKVParams& p, int layers, std::int64_t T, std::int64_t budget) {
+  DynamicKVScheduleConfig c;
+  c.layers = layers;
+  c.window = effective_window(p, T);
+  c.base = budget - c.window;
+  c.r_max = p.r_max;
+  c.interval = p.interval;
+  c.mode = p.mode;
+  return c;
+}
+
+// The first pass: every layer's per-q-head pooled scores, then the schedule.
+class DynamicKVCoupling final : public LayerCoupling {
+ public:
+  DynamicKVCoupling(const DynamicKVParams& p, const TraceMeta& meta, std::int64_t budget)
+      : p_(p), layers_(meta.layers), budget_(budget) {}
+
+  void observe(const LayerInput& in) override {
+    if (in.layer != static_cast<int>(scores_.size()))
+      throw Error(ErrorKind::kInternal, "dynamickv: layers must be observed in order (got layer " +
+                                            std::to_string(in.layer) + ", expected " +
+                                            std::to_string(scores_.size()) + ")");
+    if (in.layer == 0) T_ = in.tokens();
+    if (in.tokens() != T_) throw Error(ErrorKind::kInternal, "dynamickv: layers disagree on the prompt length");
+    scores_.push_back(dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool));
+    if (static_cast<int>(scores_.size()) == layers_) {
+      require_budget(p_, T_, budget_);
+      schedule_ = dynamickv_schedule(scores_, schedule_config(p_, layers_, T_, budget_));
+      done_ = true;
+    }
+  }
+
+  bool done() const { return done_; }
+  std::int64_t budget() const { return budget_; }
+  const DynamicKVSchedule& schedule() const { return schedule_; }
+  const std::vector<VecX>& scores(int layer) const { return scores_[static_cast<std::size_t>(layer)]; }
+
+ private:
+  DynamicKVParams p_;
+  int layers_;
+  std::int64_t budget_;
+  std::int64_t T_ = 0;
+  std::vector<std::vector<VecX>> scores_;
+  DynamicKVSchedule schedule_;
+  bool done_ = false;
+};
+
+class DynamicKV final : public Method {
+ public:
+  DynamicKV(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()) {
+    p_.window = p.integer("window", 1);
+    p_.r_max = p.real("r_max");
+    if (p_.r_max < 0) throw Error(ErrorKind::kUsage, "dynamickv: parameter 'r_max' must be >= 0");
+    p_.kernel = p.integer("kernel", 1);
+    if (p_.kernel % 2 == 0)
+      throw Error(ErrorKind::kUsage, "dynamickv: parameter 'kernel' must be odd (torch pooling with padding "
+                                     "kernel/2 keeps the length only then), got " + std::to_string(p_.kernel));
+    p_.pool = p.choice("pooling", {"avg", "max"}) == "avg" ? Pool::kAvg : Pool::kMax;
+    p_.interval = p.integer("interval", 1);
+    p_.mode = p.choice("mode", {"bit-faithful", "intended"}) == "bit-faithful" ? DynamicKVMode::kBitFaithful
+                                                                               : DynamicKVMode::kIntended;
+    p_.group = p.choice("gqa", {"mean", "max"}) == "mean" ? Reduce::kMean : Reduce::kMax;
+  }
+
+  std::string name() const override { return method_name("dynamickv", preset_, params_); }
+  Laws laws() const override {
+    return {BudgetLaw::kExact, BudgetLaw::kNone, ConservationLaw::kEviction, AllocationLaw::kPerLayer};
+  }
+
+  std::unique_ptr<LayerCoupling> coupling(const TraceMeta& meta, std::int64_t budget) const override {
+    require_budget(p_, meta.prompt_len, budget);  // fail before any data is read
+    return std::make_unique<DynamicKVCoupling>(p_, meta, budget);
+  }
+
+  LayerPlans prefill(const LayerInput& in, std::int64_t budget) const override {
+    const std::int64_t T = in.tokens(), w = effective_window(p_, T), Lp = T - w;
+    require_budget(p_, T, budget);
+    const auto* cpl = dynamic_cast<const DynamicKVCoupling*>(in.coupling);
+    std::vector<VecX> local_scores;
+    DynamicKVSchedule local;
+    const DynamicKVSchedule* sched = nullptr;
+    const std::vector<VecX>* scores = nullptr;
+    if (cpl) {
+      if (!cpl->done())
+        throw Error(ErrorKind::kUsage, "dynamickv: the layer coupling has not observed every layer yet");
+      if (cpl->budget() != budget)
+        throw Error(ErrorKind::kInternal, "dynamickv: the coupling was built for budget " +
+                                              std::to_string(cpl->budget()) + ", prefill got " + std::to_string(budget));
+      sched = &cpl->schedule();
+      scores = &cpl->scores(in.layer);
+    } else {
+      // Without the first pass only a one-layer model is exact: its schedule needs no other layer.
+      const int layers = in.meta ? in.meta->layers : 1;
+      if (layers != 1)
+        throw Error(ErrorKind::kUsage, "dynamickv: prefill of a " + std::to_string(layers) +
+                                           "-layer model needs the layer coupling (Method::coupling, observe() on "
+                                           "every layer first; replay does this)");
+      local_scores = dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool);
+      local = dynamickv_schedule({local_scores}, schedule_config(p_, 1, T, budget));
+      sched = &local;
+      scores = &local_scores;
+    }
+    const std::int64_t k = sched->prefix.at(static_cast<std::size_t>(in.layer));
+    const int hq = static_cast<int>(in.q.size()), hkv = static_cast<int>(in.k.size());
+    const std::vector<std::int64_t> window = index_range(Lp, T), candidates = index_range(0, Lp);
+    std::vector<Plan> plans;
+    for (int g = 0; g < hkv; ++g) {
+      // The authors select per q head (repeat_kv); a kv-head plan takes the group's mean or max.
+      const VecX s = group_reduce(*scores, g, hq, hkv, p_.group);
+      const Selection sel = top_k(s, candidates, k);
+      plans.push_back(Plan::keep(T, merge_sorted(sel.kept, window)));
+    }
+    return LayerPlans::uniform(std::move(plans), k + w);
+  }
+
+  std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>&) const override {
+    return nullptr;  // prefill only: decoded tokens are appended
+  }
+
+  std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t /*budget*/) const override {
+    return index_range(n - std::min(p_.window, n), n);
+  }
+
+ private:
+  std::string preset_;
+  std::map<std::string, std::string> params_;
+  DynamicKVParams p_;
+};
+
+}  // namespace
+
+FamilyInfo dynamickv_family() {
+  FamilyInfo f;
+  f.family = "dynamickv";
+  f.kind = "evict";
+  f.when = "prefill";
+  f.summary = "Layer-adaptive SnapKV-style eviction: budgets re-allocated across layers every `interval` layers "
+              "from a global top-k of pooled window scores (sum over layers = the nominal budget).";
+  f.params = {
+      {"window", "8", "observation window w (window_size): kept in every layer, counts in the budget (integer >= 1)"},
+      {"r_max", "10", "radio_max: a layer holds at most floor(r_max (budget - w)) past tokens (real >= 0)"},
+      {"kernel", "7", "pooling kernel (odd integer >= 1)"},
+      {"pooling", "avg", "avg (avg_pool1d, zero padding counted) | max (max_pool1d)"},
+      {"interval", "4", "re-allocate after every `interval` layers (hard-coded layer_idx % 4 == 3 in the code)"},
+      {"mode", "bit-faithful",
+       "bit-faithful: the official slicing, including window tokens duplicated when an update gives a layer more "
+       "than it holds (a plan keeps each token once; the count is in the schedule) | intended: an update never "
+       "gives a layer more than it holds (<= Bmax)"},
+      {"gqa", "mean", "mean | max of the q heads' pooled scores per kv head (the code selects per q head after "
+                      "repeat_kv, which per-kv-head plans cannot represent; budgets use every q head as the code)"},
+  };
+  f.presets = {
+      {"paper",
+       {{"window", "8"}, {"r_max", "10"}, {"kernel", "7"}, {"pooling", "avg"}, {"interval", "4"},
+        {"mode", "bit-faithful"}},
+       "DreamMr/DynamicKV run/longbench/scripts (window_size 8, radio_max 10, avgpool kernel 7; Llama-3/InternLM) "
+       "with dynamic_v11.py DynamicKVClusterV11"},
+      {"pred",
+       {{"window", "16"}, {"r_max", "5"}, {"kernel", "7"}, {"pooling", "avg"}, {"interval", "4"},
+        {"mode", "bit-faithful"}},
+       "DreamMr/DynamicKV run/longbench/pred.py defaults (window_size 16, radio_max 5.0, kernel 7, avgpool)"},
+  };
+  f.make = [](const std::string& preset, const Params& p) { return std::make_unique<DynamicKV>(preset, p); };
+  return f;
+}
+
+}  // namespace kvscope::ref
