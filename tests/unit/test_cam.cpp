@@ -14,21 +14,14 @@
 #include "kvscope/reference/scores.hpp"
 #include "kvscope/replay/replay.hpp"
 #include "kvscope/traces/synth.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
-
-ErrorKind kind_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.kind();
-  }
-  return ErrorKind::kInternal;
-}
+using tests::make;
+using tests::kind_of;
 
 // Key token of every slot (the entry with coef_k != 0).
 std::vector<std::int64_t> keys_of(const Plan& p) {

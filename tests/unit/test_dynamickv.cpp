@@ -15,6 +15,7 @@
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/replay.hpp"
 #include "kvscope_layer.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 using ref::DynamicKVMode;
@@ -23,7 +24,7 @@ using ref::VecX;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
+using tests::make;
 
 VecX constant(std::int64_t n, double x) { return VecX::Constant(n, x); }
 

@@ -16,6 +16,7 @@
 #include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope_test_gen.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 using ref::EmsClass;
@@ -25,7 +26,7 @@ using ref::VecX;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
+using tests::make;
 
 bool same_plan(const Plan& a, const Plan& b) {
   return a.n == b.n && a.row_ptr == b.row_ptr && a.token == b.token && a.coef_k == b.coef_k && a.coef_v == b.coef_v &&

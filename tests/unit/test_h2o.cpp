@@ -14,21 +14,14 @@
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/replay.hpp"
 #include "kvscope/traces/synth.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
-
-ErrorKind kind_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.kind();
-  }
-  return ErrorKind::kInternal;
-}
+using tests::make;
+using tests::kind_of;
 
 // Independent group reduction of per-q-head values of token j.
 double reduce(const std::vector<double>& v, const std::string& rule) {

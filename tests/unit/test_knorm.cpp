@@ -12,21 +12,14 @@
 #include "kvscope/traces/synth.hpp"
 #include "kvscope_layer.hpp"
 #include "kvscope_test_gen.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
-
-ErrorKind kind_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.kind();
-  }
-  return ErrorKind::kInternal;
-}
+using tests::make;
+using tests::kind_of;
 
 void check(const ref::Method& m, const Plan& p, std::int64_t budget) {
   const auto c = ref::check_plan(p, {m.laws().prefill_budget, budget, m.laws().conservation, m.protected_tokens(p.n, budget)});

@@ -19,21 +19,14 @@
 #include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope_layer.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
-
-ErrorKind kind_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.kind();
-  }
-  return ErrorKind::kInternal;
-}
+using tests::make;
+using tests::kind_of;
 
 // A layer with integer keys/values in [-2, 2] and integer accumulated attention in [0, 3].
 struct IntLayer {

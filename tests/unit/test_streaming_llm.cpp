@@ -9,23 +9,16 @@
 #include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope_layer.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
+using tests::make;
+using tests::kind_of;
 
 std::vector<std::int64_t> kept_of(const Plan& p) { return p.token; }
-
-ErrorKind kind_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.kind();
-  }
-  return ErrorKind::kInternal;
-}
 
 }  // namespace
 

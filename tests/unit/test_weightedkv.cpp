@@ -19,21 +19,14 @@
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/methods/weightedkv.hpp"
 #include "kvscope/reference/registry.hpp"
+#include "kvscope_method_test.hpp"
 
 using namespace kvscope;
 
 namespace {
 
-std::unique_ptr<ref::Method> make(const std::string& spec) { return ref::make_method(MethodSpec::parse(spec)); }
-
-ErrorKind kind_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.kind();
-  }
-  return ErrorKind::kInternal;
-}
+using tests::make;
+using tests::kind_of;
 
 std::int64_t key_of(const Plan& p, std::int64_t i) {
   std::int64_t key = -1, keys = 0;
