@@ -36,7 +36,8 @@ std::int64_t key_token(const Plan& plan, std::int64_t i) {
   return -1;
 }
 
-PerturbationBound keys_kept_bound(const Plan& plan, const VecX& p, const MatX& V, const MatX& cache_V) {
+PerturbationBound keys_kept_bound(const Plan& plan, const VecX& p, const MatX& V, const MatX& cache_V,
+                                  const VecX& probs_c) {
   std::vector<char> kept(static_cast<std::size_t>(plan.n), 0);
   for (std::int64_t i = 0; i < plan.slots(); ++i) kept[static_cast<std::size_t>(key_token(plan, i))] = 1;
   double kept_mass = 0, max_kept = 0, max_evicted = 0;
@@ -50,12 +51,12 @@ PerturbationBound keys_kept_bound(const Plan& plan, const VecX& p, const MatX& V
     }
   }
   const double eps = std::max(0.0, 1.0 - kept_mass);
+  // p'_i = p_t(i) / (1 - eps) in exact arithmetic; the compressed attention
+  // itself is used because p_t(i) underflows to 0 when the evicted tokens
+  // dominate a saturated softmax, while p' stays a proper distribution.
   double value_shift = 0;
-  if (kept_mass > 0)
-    for (std::int64_t i = 0; i < plan.slots(); ++i) {
-      const std::int64_t t = key_token(plan, i);
-      value_shift += p[t] / kept_mass * (cache_V.row(i) - V.row(t)).norm();
-    }
+  for (std::int64_t i = 0; i < plan.slots(); ++i)
+    value_shift += probs_c[i] * (cache_V.row(i) - V.row(key_token(plan, i))).norm();
   return {eps * (max_kept + max_evicted) + value_shift, BoundKind::kKeysKept};
 }
 
@@ -78,7 +79,7 @@ PerturbationBound distribution_bound(const Plan& plan, const VecX& p, const MatX
 
 PerturbationBound perturbation_bound(const Plan& plan, const VecX& probs_full, const MatX& V_full,
                                      const MatX& cache_V, const VecX& probs_c) {
-  if (keys_kept(plan)) return keys_kept_bound(plan, probs_full, V_full, cache_V);
+  if (keys_kept(plan)) return keys_kept_bound(plan, probs_full, V_full, cache_V, probs_c);
   return distribution_bound(plan, probs_full, V_full, probs_c);
 }
 

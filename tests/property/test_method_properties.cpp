@@ -5,8 +5,9 @@
 //  - attention-output perturbation within the analytic bound, checked by
 //    replay on every step, and exactly zero when the budget covers the cache;
 //  - determinism: the same inputs give bit-identical records.
-// Inputs take values on a coarse grid half the time so near-ties and exact
-// ties are common. A method added to the registry is covered automatically.
+// Inputs take values on a coarse grid, a fine range or from a set of special
+// values (zeros, tiny, large), so exact ties, near-ties and saturated
+// softmaxes are all common. A method added to the registry is covered automatically.
 #include <gtest/gtest.h>
 #include <rapidcheck.h>
 
@@ -26,11 +27,23 @@ struct Case {
   std::int64_t budget = 0;
 };
 
-Tensor random_tensor(std::vector<std::int64_t> shape, bool grid) {
+// Values: a coarse grid (exact ties), a fine range (near-ties), or special
+// values mixed in (zeros, subnormal-small, large enough to saturate softmax).
+enum class Values { kGrid, kFine, kSpecial };
+
+float random_value(Values kind) {
+  switch (kind) {
+    case Values::kGrid: return static_cast<float>(*rc::gen::inRange(-3, 4)) * 0.5f;
+    case Values::kFine: return static_cast<float>(*rc::gen::inRange(-4000, 4001)) / 1000.0f;
+    case Values::kSpecial:
+      return *rc::gen::element(0.0f, -0.0f, 1e-38f, -1e-38f, 1e-3f, 30.0f, -30.0f, 1.0f, -1.0f);
+  }
+  return 0.0f;
+}
+
+Tensor random_tensor(std::vector<std::int64_t> shape, Values kind) {
   Tensor t(std::move(shape));
-  for (float& x : t.data)
-    x = grid ? static_cast<float>(*rc::gen::inRange(-3, 4)) * 0.5f
-             : static_cast<float>(*rc::gen::inRange(-4000, 4001)) / 1000.0f;
+  for (float& x : t.data) x = random_value(kind);
   return t;
 }
 
@@ -43,7 +56,7 @@ Case random_case() {
   m.head_dim = 2 * *rc::gen::inRange(1, 5);
   m.prompt_len = *rc::gen::inRange<std::int64_t>(1, 25);
   m.decode_steps = *rc::gen::inRange<std::int64_t>(1, 5);
-  const bool grid = *rc::gen::arbitrary<bool>();
+  const Values grid = *rc::gen::element(Values::kGrid, Values::kFine, Values::kSpecial);
   const std::int64_t T = m.prompt_len, S = m.decode_steps, d = m.head_dim;
   c.layer.prefill_q = random_tensor({m.q_heads, T, d}, grid);
   c.layer.prefill_k = random_tensor({m.kv_heads, T, d}, grid);

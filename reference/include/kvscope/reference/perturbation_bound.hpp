@@ -27,10 +27,11 @@ bool keys_kept(const Plan& plan);
 /// The bound for one query. `probs_full`: the full-cache attention over the
 /// plan's n tokens; `V_full`: their values (>= n rows); `cache_V`: the
 /// compressed values (one row per slot); `probs_c`: the compressed attention
-/// over the slots (used only by the distribution form).
+/// over the slots.
 ///
 ///  keys kept (eps = full attention mass on tokens whose key is in no slot,
-///  t(i) the token whose key slot i holds, p'_i = p_t(i) / (1 - eps)):
+///  t(i) the token whose key slot i holds, p'_i the compressed attention,
+///  which equals p_t(i) / (1 - eps) in exact arithmetic):
 ///    eps (max_kept ||v|| + max_evicted ||v||) + sum_i p'_i ||V'_i - v_t(i)||
 ///  which for pure eviction is <= 2 eps max ||v||.
 ///  distribution (any plan; ptilde_j = sum_i p'_i coef_v[i, j]):
