@@ -13,10 +13,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "kvscope 0.1.0");
   kvscope::cli::Runner run;
-  kvscope::cli::add_replay(app, run);
-  kvscope::cli::add_synth(app, run);
-  kvscope::cli::add_inspect(app, run);
-  kvscope::cli::add_methods(app, run);
+  kvscope::cli::add_commands(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

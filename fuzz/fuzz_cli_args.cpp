@@ -26,10 +26,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   CLI::App app{"kvscope"};
   app.require_subcommand(1);
   kvscope::cli::Runner run;
-  kvscope::cli::add_replay(app, run);
-  kvscope::cli::add_synth(app, run);
-  kvscope::cli::add_inspect(app, run);
-  kvscope::cli::add_methods(app, run);
+  kvscope::cli::add_commands(app, run);
   try {
     app.parse(static_cast<int>(argv.size()), argv.data());
   } catch (const CLI::ParseError&) {
