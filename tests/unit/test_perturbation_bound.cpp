@@ -124,3 +124,25 @@ TEST(PerturbationBound, KeysKeptNeedsOriginalPositionsAndUnitKeys) {
   m.add_row(toks, half, half, 0, 2);
   EXPECT_FALSE(ref::keys_kept(m));
 }
+
+TEST(PerturbationBound, ValueShiftAloneIsBounded) {
+  // Every key kept (eps = 0), one value merged with its neighbour: the whole
+  // error comes from the value term of the keys-kept bound.
+  const MatX K = (MatX(3, 2) << 1, 0, 0, 1, 1, 1).finished();
+  const MatX V = (MatX(3, 2) << 1, 2, -3, 0.5, 0, 4).finished();
+  const VecX q = (VecX(2) << 0.3, -0.2).finished();
+  Plan p;
+  p.n = 3;
+  const std::vector<std::int64_t> toks{0, 1};
+  const std::vector<double> ck{1.0, 0.0}, cv{0.5, 0.5};
+  p.add_row(toks, ck, cv, 0, 1);
+  p.add_kept(1);
+  p.add_kept(2);
+  const ref::HeadCache c = ref::apply_plan(p, K, V, 10000.0);
+  const auto full = ref::attend(q, K, V), comp = ref::attend(q, c.K, c.V);
+  const ref::PerturbationBound b = ref::perturbation_bound(p, full.probs, V, c.V, comp.probs);
+  const double err = (comp.output - full.output).norm();
+  EXPECT_EQ(b.kind, ref::BoundKind::kKeysKept);
+  EXPECT_GT(err, 0.1);
+  EXPECT_LE(err, b.value * (1 + 1e-12));
+}
