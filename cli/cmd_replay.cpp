@@ -26,6 +26,7 @@ struct ReplayArgs {
   std::string format = "table";
   std::string out_dir;
   std::string dump_plans;
+  std::string backend = "reference";
 };
 
 std::ofstream open_out(const std::filesystem::path& p) {
@@ -37,10 +38,8 @@ std::ofstream open_out(const std::filesystem::path& p) {
 void run_replay_command(const ReplayArgs& a) {
   replay::ReplayOptions opt;
   opt.methods = MethodSpec::parse_list(a.methods);
-  std::string_view rest = a.budgets;
-  for (std::size_t at; (at = rest.find(',')) != std::string_view::npos; rest = rest.substr(at + 1))
-    opt.budgets.push_back(Budget::parse(rest.substr(0, at)));
-  opt.budgets.push_back(Budget::parse(rest));
+  opt.backend = opt::parse_backend(a.backend);
+  opt.budgets = Budget::parse_list(a.budgets);
 
   const std::string path = a.trace.empty() ? default_trace_path() : a.trace;
   const traces::TraceReader trace(path);
@@ -89,6 +88,8 @@ void add_replay(CLI::App& app, Runner& run) {
   c->add_option("--format,-f", args->format, "stdout format")->check(CLI::IsMember({"table", "json", "csv"}))
       ->capture_default_str();
   c->add_option("--out,-o", args->out_dir, "also write summary.{json,csv,txt} and per-step records.csv here");
+  c->add_option("--backend", args->backend, "who computes prefill compression: reference | cpu")
+      ->capture_default_str();
   c->add_option("--dump-plans", args->dump_plans, "write every plan (prefill and final) in CSR form to this HDF5 file");
   c->callback([&run, args] { run = [args] { run_replay_command(*args); }; });
 }

@@ -53,4 +53,12 @@ std::string Budget::label() const {
   return buf;
 }
 
+std::vector<Budget> Budget::parse_list(std::string_view text) {
+  std::vector<Budget> out;
+  for (std::size_t at; (at = text.find(',')) != std::string_view::npos; text = text.substr(at + 1))
+    out.push_back(parse(text.substr(0, at)));
+  out.push_back(parse(text));
+  return out;
+}
+
 }  // namespace kvscope

@@ -67,7 +67,7 @@ const std::vector<FamilyInfo>& method_families() {
   return families;
 }
 
-std::unique_ptr<Method> make_method(const MethodSpec& spec) {
+ResolvedSpec resolve_spec(const MethodSpec& spec) {
   const auto& fams = method_families();
   const auto fam = std::find_if(fams.begin(), fams.end(), [&](const FamilyInfo& f) { return f.family == spec.family; });
   if (fam == fams.end()) {
@@ -100,7 +100,12 @@ std::unique_ptr<Method> make_method(const MethodSpec& spec) {
     }
     values[k] = v;
   }
-  return fam->make(preset ? preset->name : std::string(), Params(spec.family, std::move(values)));
+  return {&*fam, preset ? preset->name : std::string(), Params(spec.family, std::move(values))};
+}
+
+std::unique_ptr<Method> make_method(const MethodSpec& spec) {
+  const ResolvedSpec r = resolve_spec(spec);
+  return r.family->make(r.preset, r.params);
 }
 
 }  // namespace kvscope::ref

@@ -4,6 +4,12 @@
 
 namespace kvscope::ref {
 
+std::optional<LayerScores> Method::decision_scores(const LayerInput& in, const LayerPlans&,
+                                                  std::int64_t budget) const {
+  if (const Scorer* s = scorer()) return s->score(in, budget);
+  return std::nullopt;
+}
+
 std::vector<Plan> select_per_head(const LayerScores& scores, std::int64_t tokens,
                                   const std::vector<std::int64_t>& head_budgets, const std::string& method,
                                   std::vector<Selection>* selections) {

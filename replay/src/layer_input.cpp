@@ -1,4 +1,4 @@
-#include "layer_input.hpp"
+#include "kvscope/replay/layer_input.hpp"
 
 namespace kvscope::replay {
 

@@ -4,15 +4,18 @@
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <optional>
 
 #include "kvscope/core/error.hpp"
+#include "kvscope/core/tolerance.hpp"
+#include "kvscope/opt/ragged_cache.hpp"
 #include "kvscope/reference/perturbation_bound.hpp"
 #include "kvscope/reference/plan_apply.hpp"
 #include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/traces/plan_dump.hpp"
 #include "kvscope/traces/trace_io.hpp"
-#include "layer_input.hpp"
+#include "kvscope/replay/layer_input.hpp"
 
 namespace kvscope::replay {
 namespace {
@@ -84,12 +87,14 @@ void apply_step(std::vector<HeadCache>& caches, const ref::StepPlans& plans, con
 /// One (method, budget) run over one layer.
 class LayerRun {
  public:
-  LayerRun(const TraceMeta& meta, int layer, const ref::Method& method, std::int64_t budget, int run_index,
-           RunSummary& summary, RecordSink* sink)
-      : meta_(meta), layer_(layer), method_(method), budget_(budget), run_(run_index), summary_(summary), sink_(sink) {}
+  LayerRun(const TraceMeta& meta, int layer, const ref::Method& method, const opt::BackendMethod* backend,
+           std::int64_t budget, int run_index, RunSummary& summary, RecordSink* sink)
+      : meta_(meta), layer_(layer), method_(method), backend_(backend), budget_(budget), run_(run_index),
+        summary_(summary), sink_(sink) {}
 
-  std::vector<HeadCache> prefill(const ref::LayerInput& in, const FullLayer& f, traces::PlanDumpWriter* dump) {
-    const ref::LayerPlans out = method_.prefill(in, budget_);
+  std::vector<HeadCache> prefill(const ref::LayerInput& in, const opt::LayerStorage* storage, const FullLayer& f,
+                                 traces::PlanDumpWriter* dump) {
+    const ref::LayerPlans out = backend_ ? backend_->prefill(*storage, budget_) : method_.prefill(in, budget_);
     const std::vector<Plan>& plans = out.plans;
     if (static_cast<int>(plans.size()) != meta_.kv_heads || out.head_budgets.size() != plans.size())
       throw Error(ErrorKind::kInvariant, method_.name() + ": prefill returned " + std::to_string(plans.size()) +
@@ -101,9 +106,11 @@ class LayerRun {
     for (int h = 0; h < meta_.kv_heads; ++h) {
       check(plans[static_cast<std::size_t>(h)], method_.laws().prefill_budget, h, "prefill");
       if (dump) dump->add(method_.name(), summary_.budget, layer_, h, "prefill", plans[static_cast<std::size_t>(h)]);
-      caches.push_back(ref::apply_plan(plans[static_cast<std::size_t>(h)], f.K[static_cast<std::size_t>(h)],
-                                       f.V[static_cast<std::size_t>(h)], meta_.rope_theta));
+      if (!backend_)
+        caches.push_back(ref::apply_plan(plans[static_cast<std::size_t>(h)], f.K[static_cast<std::size_t>(h)],
+                                         f.V[static_cast<std::size_t>(h)], meta_.rope_theta));
     }
+    if (backend_) caches = backend_caches(*storage, plans);
     return caches;
   }
 
@@ -134,7 +141,7 @@ class LayerRun {
         const int kv = ref::kv_head_of(h, meta_.q_heads, meta_.kv_heads);
         rec.metrics.bound = ref::perturbation_bound(c.plan, p_full, f.V[static_cast<std::size_t>(kv)], c.V, r.probs).value;
         require_finite(rec);
-        require_within_bound(rec);
+        require_within_bound(rec, f.out[hu][static_cast<std::size_t>(s)].norm());
         record(rec, c.plan);
         probs[hu] = std::move(r.probs);
       }
@@ -172,9 +179,11 @@ class LayerRun {
   }
 
   // The bound is an inequality: a measured error above it means the plan, the
-  // cache or the attention is wrong. Slack covers rounding in both sides.
-  void require_within_bound(const StepRecord& rec) const {
-    const double slack = 1e-9 * (1.0 + rec.metrics.bound) + 1e-12;
+  // cache or the attention is wrong. Slack covers rounding in both sides, and
+  // for a backend's storage-precision cache its tolerance (core/tolerance.hpp).
+  void require_within_bound(const StepRecord& rec, double out_norm) const {
+    const double storage = backend_ ? tolerance(meta_.dtype).rel_l2 * out_norm : 0.0;
+    const double slack = 1e-9 * (1.0 + rec.metrics.bound) + 1e-12 + storage;
     if (rec.metrics.err > rec.metrics.bound + slack)
       throw Error(ErrorKind::kInvariant, context("q head " + std::to_string(rec.q_head) + " decode step " +
                                                  std::to_string(rec.step)) +
@@ -190,9 +199,31 @@ class LayerRun {
     if (sink_) sink_->on_record(rec);
   }
 
+  // The backend's compressed cache (storage dtype) as the reference's HeadCache.
+  std::vector<HeadCache> backend_caches(const opt::LayerStorage& storage, const std::vector<Plan>& plans) const {
+    const opt::RaggedCache rc = opt::compact(storage, plans, meta_.rope_theta);
+    std::vector<HeadCache> caches;
+    const int d = meta_.head_dim;
+    for (int h = 0; h < meta_.kv_heads; ++h) {
+      HeadCache c;
+      c.plan = plans[static_cast<std::size_t>(h)];
+      const std::int64_t first = rc.offsets[static_cast<std::size_t>(h)], rows = rc.offsets[static_cast<std::size_t>(h) + 1] - first;
+      c.K.resize(rows, d);
+      c.V.resize(rows, d);
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (int i = 0; i < d; ++i) {
+          c.K(r, i) = static_cast<double>(rc.k.get((first + r) * d + i));
+          c.V(r, i) = static_cast<double>(rc.v.get((first + r) * d + i));
+        }
+      caches.push_back(std::move(c));
+    }
+    return caches;
+  }
+
   const TraceMeta& meta_;
   int layer_;
   const ref::Method& method_;
+  const opt::BackendMethod* backend_;  // nullptr: the reference computes prefill
   std::int64_t budget_;
   int run_;
   RunSummary& summary_;
@@ -220,9 +251,20 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
   // Configure everything before reading data: unknown methods, bad parameters
   // and impossible budgets fail fast (protected_tokens resolves the budget).
   std::vector<std::unique_ptr<ref::Method>> methods;
-  for (const MethodSpec& spec : options.methods) methods.push_back(ref::make_method(spec));
+  std::vector<std::unique_ptr<opt::BackendMethod>> backends;
+  for (const MethodSpec& spec : options.methods) {
+    methods.push_back(ref::make_method(spec));
+    if (options.backend == opt::Backend::kCpu)
+      backends.push_back(opt::make_cpu_method(spec));
+    else if (options.backend == opt::Backend::kCuda)
+      throw Error(ErrorKind::kUsage, "the cuda backend is not available in this build (no CUDA kernels yet); use "
+                                     "--backend cpu or reference");
+    else
+      backends.push_back(nullptr);
+  }
   struct Run {
     const ref::Method* method;
+    const opt::BackendMethod* backend;
     std::int64_t budget;
   };
   std::vector<Run> runs;
@@ -231,12 +273,13 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
       const auto& m = methods[mi];
       const std::int64_t tokens = b.resolve(meta.prompt_len);
       m->protected_tokens(meta.prompt_len, tokens);
-      runs.push_back({m.get(), tokens});
+      runs.push_back({m.get(), backends[mi].get(), tokens});
       RunSummary s;
       s.label = options.methods[mi].to_string();
       s.method = m->name();
       s.budget = b.label();
       s.budget_tokens = tokens;
+      s.backend = opt::backend_name(options.backend);
       s.per_layer_head.resize(static_cast<std::size_t>(meta.layers * meta.q_heads));
       s.per_step.resize(static_cast<std::size_t>(meta.decode_steps));
       result.runs.push_back(std::move(s));
@@ -266,12 +309,14 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
     const LayerData data = read_checked(l);
     ref::LayerInput in = make_layer_input(meta, l, data);
     const FullLayer full = full_layer(meta, data, result.self_check);
+    std::optional<opt::LayerStorage> storage;
+    if (options.backend != opt::Backend::kReference) storage = opt::pack_layer(meta, l, data);
     for (std::size_t r = 0; r < runs.size(); ++r) {
       const auto t0 = std::chrono::steady_clock::now();
       RunSummary& summary = result.runs[r];
       in.coupling = couplings[r].get();
-      LayerRun run(meta, l, *runs[r].method, runs[r].budget, static_cast<int>(r), summary, sink);
-      std::vector<HeadCache> caches = run.prefill(in, full, dump);
+      LayerRun run(meta, l, *runs[r].method, runs[r].backend, runs[r].budget, static_cast<int>(r), summary, sink);
+      std::vector<HeadCache> caches = run.prefill(in, storage ? &*storage : nullptr, full, dump);
       run.decode(in, full, caches);
       for (int h = 0; h < meta.kv_heads; ++h) {
         summary.final_kv_bytes += caches[static_cast<std::size_t>(h)].plan.slots() * row_bytes;

@@ -132,27 +132,35 @@ std::vector<std::int64_t> adakv_budgets(const LayerScores& scores, std::int64_t 
   return past;
 }
 
+MethodSpec adakv_base(const Params& p) {
+  // Base parameters use '/' for ':' (the CLI splits the outer spec on ':'):
+  // base=snapkv@adakv/window=16 is snapkv@adakv:window=16.
+  std::string base = p.text("base");
+  std::replace(base.begin(), base.end(), '/', ':');
+  return MethodSpec::parse(base);
+}
+
+AdaKVOptions adakv_options(const Params& p) {
+  AdaKVOptions o;
+  o.alpha = p.real("alpha");
+  if (o.alpha < 0 || o.alpha > 1)
+    throw Error(ErrorKind::kUsage, "adakv: parameter 'alpha' must be in [0, 1], got " + p.text("alpha"));
+  o.normalize = p.boolean("normalize");
+  o.allocation = p.choice("allocation", {"original", "kvpress"}) == "original" ? AdaAllocation::kOriginal
+                                                                                : AdaAllocation::kKvpress;
+  return o;
+}
+
 namespace {
 
 class AdaKV final : public Method {
  public:
-  AdaKV(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()) {
-    // Base parameters use '/' for ':' (the CLI splits the outer spec on ':'):
-    // base=snapkv@adakv/window=16 is snapkv@adakv:window=16.
-    std::string base = p.text("base");
-    std::replace(base.begin(), base.end(), '/', ':');
-    const MethodSpec spec = MethodSpec::parse(base);
-    base_ = make_method(spec);
+  AdaKV(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()), o_(adakv_options(p)) {
+    base_ = make_method(adakv_base(p));
     scorer_ = base_->scorer();
     if (!scorer_)
       throw Error(ErrorKind::kUsage, "adakv: base '" + p.text("base") +
                                          "' has no prefill scorer (AdaKV wraps score-then-top-k methods, e.g. snapkv)");
-    o_.alpha = p.real("alpha");
-    if (o_.alpha < 0 || o_.alpha > 1)
-      throw Error(ErrorKind::kUsage, "adakv: parameter 'alpha' must be in [0, 1], got " + p.text("alpha"));
-    o_.normalize = p.boolean("normalize");
-    o_.allocation = p.choice("allocation", {"original", "kvpress"}) == "original" ? AdaAllocation::kOriginal
-                                                                                  : AdaAllocation::kKvpress;
   }
 
   std::string name() const override { return method_name("adakv", preset_, params_); }
@@ -169,6 +177,11 @@ class AdaKV final : public Method {
     // threshold cuts every head at its own rank), so per-head top-k is exact.
     out.plans = select_per_head(s, T, out.head_budgets, name());
     return out;
+  }
+
+  std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans&,
+                                             std::int64_t budget) const override {
+    return scorer_->score(in, budget);
   }
 
   std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>&) const override {

@@ -112,7 +112,9 @@ class H2OScorer final : public Scorer {
   H2OConfig c_;
 };
 
-H2OConfig parse_config(const Params& p) {
+}  // namespace
+
+H2OConfig h2o_config(const Params& p) {
   H2OConfig c;
   c.per_query = p.choice("score", {"sum", "per-query"}) == "per-query";
   const std::string& r = p.text("recent");
@@ -129,10 +131,12 @@ H2OConfig parse_config(const Params& p) {
   return c;
 }
 
+namespace {
+
 class H2O final : public Method {
  public:
   H2O(std::string preset, const Params& p)
-      : preset_(std::move(preset)), params_(p.all()), c_(parse_config(p)), scorer_(c_) {}
+      : preset_(std::move(preset)), params_(p.all()), c_(h2o_config(p)), scorer_(c_) {}
 
   std::string name() const override { return method_name("h2o", preset_, params_); }
   // After every decode step the cache holds min(B, n) slots exactly.

@@ -105,6 +105,11 @@ class PyramidKV final : public Method {
     return LayerPlans::uniform(select_per_head(s, T, budgets, name()), b);
   }
 
+  std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans& plans,
+                                             std::int64_t) const override {
+    return snapkv_scores(in, plans.head_budgets.front(), c_, "pyramidkv");
+  }
+
   std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>&) const override {
     return nullptr;
   }

@@ -34,9 +34,6 @@ VecX tova_step_scores(const std::vector<HeadCache>& heads, const std::vector<Vec
   return s / static_cast<double>(q_heads);
 }
 
-namespace {
-
-// Protected tokens of an n-token cache: the newest one when it is forced kept (kvpress).
 std::vector<std::int64_t> tova_protected(std::int64_t n, std::int64_t budget, bool keep_last) {
   if (!keep_last || n == 0) return {};
   if (budget < 1)
@@ -44,6 +41,8 @@ std::vector<std::int64_t> tova_protected(std::int64_t n, std::int64_t budget, bo
                                                   " cannot hold the last token that keep_last=true protects");
   return {n - 1};
 }
+
+namespace {
 
 class TovaScorer final : public Scorer {
  public:

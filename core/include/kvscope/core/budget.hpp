@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace kvscope {
 
@@ -18,6 +19,8 @@ struct Budget {
   static Budget ratio(double r) { return {Kind::kRatio, r}; }
   /// Parses the text form; throws Error(kUsage) naming the bad text.
   static Budget parse(std::string_view text);
+  /// A comma-separated list ("50%,128"), each entry as parse().
+  static std::vector<Budget> parse_list(std::string_view text);
 
   /// Tokens per head for a prompt of n tokens: a count as is (a cache size, may
   /// exceed n), a ratio floor(r*n) (kvpress's int(L*(1-cr))).

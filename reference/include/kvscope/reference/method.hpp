@@ -77,6 +77,7 @@ class DecodePolicy {
 };
 
 class Scorer;  // scorer.hpp
+struct LayerScores;
 
 /// Layer-coupled methods (DynamicKV re-allocates budgets across layers from
 /// every layer's scores) see all layers in a first pass before any prefill;
@@ -111,6 +112,11 @@ class Method {
   }
   /// The method's prefill scorer when it is score-then-top-k (AdaKV wraps it), else nullptr.
   virtual const Scorer* scorer() const { return nullptr; }
+  /// The scores prefill decided with, given its result `plans` (the
+  /// differential harness tells ties from mismatches with them); nullopt for
+  /// methods that decide without scores. Defined in scorer.cpp.
+  virtual std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans& plans,
+                                                     std::int64_t budget) const;
 };
 
 /// Canonical "family@preset:key=value..." text of a resolved method.

@@ -56,6 +56,16 @@ struct FamilyInfo {
 };
 
 const std::vector<FamilyInfo>& method_families();
+
+/// A spec checked against the registry: its family, the preset applied
+/// (the family's first when the spec names none) and every parameter resolved
+/// (defaults <- preset <- overrides). Unknown names are Error(kUsage).
+struct ResolvedSpec {
+  const FamilyInfo* family = nullptr;
+  std::string preset;
+  Params params;
+};
+ResolvedSpec resolve_spec(const MethodSpec& spec);
 std::unique_ptr<Method> make_method(const MethodSpec& spec);
 
 }  // namespace kvscope::ref

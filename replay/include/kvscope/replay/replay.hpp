@@ -13,6 +13,7 @@
 #include "kvscope/core/budget.hpp"
 #include "kvscope/core/method_spec.hpp"
 #include "kvscope/core/trace_data.hpp"
+#include "kvscope/opt/backend.hpp"
 #include "kvscope/replay/metrics.hpp"
 
 namespace kvscope::traces {
@@ -25,6 +26,10 @@ namespace kvscope::replay {
 struct ReplayOptions {
   std::vector<MethodSpec> methods;
   std::vector<Budget> budgets;
+  /// Who computes prefill compression: the reference, or the optimized CPU
+  /// backend (its plans and its storage-precision cache; decode policies and
+  /// the metrics stay the reference's).
+  opt::Backend backend = opt::Backend::kReference;
 };
 
 /// One (layer, q head, decode step) measurement of one run.
@@ -55,6 +60,7 @@ struct RunSummary {
   std::int64_t final_kv_bytes = 0;        // compressed K+V at the last step, all layers and kv heads
   std::int64_t full_kv_bytes = 0;         // the same for the full cache
   std::int64_t plans_checked = 0;         // plan-checker passes (prefill + every decode step)
+  std::string backend = "reference";      // who computed prefill compression
   double seconds = 0;
 };
 

@@ -41,6 +41,10 @@ std::vector<std::int64_t> adakv_budgets(const LayerScores& scores, std::int64_t 
 std::vector<std::int64_t> adakv_round_budgets(const std::vector<std::int64_t>& counts, std::int64_t B, double alpha,
                                               std::int64_t cap);
 
+/// The wrapped method (parameter 'base', '/' standing for ':') and the allocation options.
+MethodSpec adakv_base(const Params& p);
+AdaKVOptions adakv_options(const Params& p);
+
 FamilyInfo adakv_family();
 
 }  // namespace kvscope::ref

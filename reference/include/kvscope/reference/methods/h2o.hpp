@@ -36,6 +36,9 @@ struct H2OConfig {
 /// per_query. `acc[g][i]` is q head g's (of the group) sum at slot i, `token[i]`
 /// the slot's original index, `n` the tokens seen so far (queries that saw token
 /// j: n - j, because evictions are final).
+/// Reads and validates the h2o parameters.
+H2OConfig h2o_config(const Params& p);
+
 VecX h2o_slot_scores(const std::vector<VecX>& acc, std::span<const std::int64_t> token, std::int64_t n,
                      const H2OConfig& c);
 

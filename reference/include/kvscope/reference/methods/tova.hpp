@@ -19,6 +19,9 @@ FamilyInfo tova_family();
 
 /// Prefill scores: the last prompt query's attention over the T prompt keys,
 /// the mean over every q head of the layer (sums to 1).
+/// Protected tokens of an n-token cache: the newest one when keep_last forces it (kvpress).
+std::vector<std::int64_t> tova_protected(std::int64_t n, std::int64_t budget, bool keep_last);
+
 VecX tova_scores(const LayerInput& in);
 
 /// Decode scores per original token j < n: the mean over all q heads h of

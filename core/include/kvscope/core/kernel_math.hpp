@@ -1,0 +1,63 @@
+// Per-element math shared by the CPU and CUDA backends (KVSCOPE_HD): one
+// definition of each formula, so both backends round the same way. fp32
+// compute; RoPE angles in double (a float angle at position 8k is off by ~1e-3 rad).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kvscope/core/hd.hpp"
+
+namespace kvscope::math {
+
+/// Running maximum and normaliser of a softmax folded one logit at a time
+/// (the online softmax of FlashAttention / flash-decoding).
+struct OnlineSoftmax {
+  float max = -INFINITY;
+  float sum = 0.0f;
+};
+
+/// Folds logit `x` into `s`. Returns the factor the caller applies to its
+/// running accumulator; `*weight` receives the new term's weight exp(x - max).
+KVSCOPE_HD float online_softmax_push(OnlineSoftmax& s, float x, float* weight) {
+  if (x <= s.max) {
+    *weight = expf(x - s.max);
+    s.sum += *weight;
+    return 1.0f;
+  }
+  const float rescale = s.max == -INFINITY ? 0.0f : expf(s.max - x);
+  s.sum = s.sum * rescale + 1.0f;
+  s.max = x;
+  *weight = 1.0f;
+  return rescale;
+}
+
+/// Logit bias of a slot standing for `count` original tokens: log(count)
+/// (a merged slot competes as `count` copies of its key would).
+KVSCOPE_HD float log_count_bias(std::int64_t count) {
+  return count > 1 ? logf(static_cast<float>(count)) : 0.0f;
+}
+
+/// Cosine similarity from a dot product and the two squared norms; 0 when
+/// either vector is zero (no direction to compare).
+KVSCOPE_HD float cosine(float dot, float norm2_a, float norm2_b) {
+  const float denom = sqrtf(norm2_a) * sqrtf(norm2_b);
+  return denom > 0.0f ? dot / denom : 0.0f;
+}
+
+/// Gaussian kernel weight exp(-dist2 / (2 sigma^2)) (KVMerger eq. 8 weights).
+KVSCOPE_HD float gaussian_weight(float dist2, float sigma) {
+  return expf(-dist2 / (2.0f * sigma * sigma));
+}
+
+/// Rotates the NeoX rotate-half pair (x[i], x[i + d/2]) of a d-dim key by
+/// `delta` positions under base `theta` (frequency theta^(-2i/d)).
+KVSCOPE_HD void rope_rotate_pair(float& lo, float& hi, int i, int d, double delta, double theta) {
+  const double freq = pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(d));
+  const double c = cos(delta * freq), s = sin(delta * freq);
+  const double a = lo, b = hi;
+  lo = static_cast<float>(a * c - b * s);
+  hi = static_cast<float>(b * c + a * s);
+}
+
+}  // namespace kvscope::math

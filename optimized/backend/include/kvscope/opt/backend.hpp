@@ -1,0 +1,64 @@
+// The optimized side of a method: the same MethodSpec as the reference, its
+// prefill computed from the layer's storage with fp32 kernels (optimized/cpu).
+// Cheap decisions that are not kernels (budget schedules, head allocation,
+// protected tokens, parameter parsing) call the reference's one
+// implementation, so a difference between backends can only come from the
+// kernels. docs/verification.md ("Differential checks") has the contract.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvscope/core/method_spec.hpp"
+#include "kvscope/opt/layer_storage.hpp"
+#include "kvscope/reference/method.hpp"
+#include "kvscope/reference/scorer.hpp"
+
+namespace kvscope::opt {
+
+enum class Backend { kReference, kCpu, kCuda };
+/// "reference" | "cpu" | "cuda"; anything else is Error(kUsage).
+Backend parse_backend(const std::string& text);
+const char* backend_name(Backend b);
+
+/// A layer's scores per kv head as computed by a backend (fp32), with the
+/// protected tokens of score-then-top-k methods.
+struct ScoreSet {
+  int heads = 0;
+  std::int64_t tokens = 0;
+  std::vector<float> scores;  // [heads, tokens]
+  std::vector<std::int64_t> protected_tokens;
+  const float* head(int h) const { return scores.data() + static_cast<std::int64_t>(h) * tokens; }
+  /// The same scores as the reference's type (exact: float -> double).
+  ref::LayerScores to_reference() const;
+};
+
+class BackendScorer {
+ public:
+  virtual ~BackendScorer() = default;
+  virtual ScoreSet score(const LayerStorage& in, std::int64_t budget) const = 0;
+};
+
+class BackendMethod {
+ public:
+  virtual ~BackendMethod() = default;
+  /// One plan per kv head and the budget each answers to (ref::Method::prefill's contract).
+  virtual ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const = 0;
+  /// The scorer of score-then-top-k methods (AdaKV wraps it), else nullptr.
+  virtual const BackendScorer* scorer() const { return nullptr; }
+};
+
+/// The CPU implementation of `spec`; a family without one is Error(kUsage)
+/// listing those that have one.
+std::unique_ptr<BackendMethod> make_cpu_method(const MethodSpec& spec);
+/// Families the CPU backend implements, in registry order.
+std::vector<std::string> cpu_families();
+
+/// ref::select_per_head's contract on fp32 scores with the O(n) top-k kernel:
+/// protected tokens plus the best head_budgets[h] - |protected| others.
+std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std::int64_t>& head_budgets,
+                                  const std::string& method);
+
+}  // namespace kvscope::opt

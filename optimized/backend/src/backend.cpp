@@ -1,0 +1,69 @@
+#include "kvscope/opt/backend.hpp"
+
+#include <cmath>
+
+#include "kvscope/core/error.hpp"
+#include "kvscope/opt/cpu/select.hpp"
+
+namespace kvscope::opt {
+
+Backend parse_backend(const std::string& text) {
+  if (text == "reference") return Backend::kReference;
+  if (text == "cpu") return Backend::kCpu;
+  if (text == "cuda") return Backend::kCuda;
+  throw Error(ErrorKind::kUsage, "unknown backend '" + text + "' (known: reference, cpu, cuda)");
+}
+
+const char* backend_name(Backend b) {
+  switch (b) {
+    case Backend::kReference: return "reference";
+    case Backend::kCpu: return "cpu";
+    case Backend::kCuda: return "cuda";
+  }
+  return "?";
+}
+
+ref::LayerScores ScoreSet::to_reference() const {
+  ref::LayerScores out;
+  out.protected_tokens = protected_tokens;
+  for (int h = 0; h < heads; ++h) {
+    ref::VecX s(tokens);
+    for (std::int64_t j = 0; j < tokens; ++j) s[j] = static_cast<double>(head(h)[j]);
+    out.per_kv_head.push_back(std::move(s));
+  }
+  return out;
+}
+
+std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std::int64_t>& head_budgets,
+                                  const std::string& method) {
+  const std::int64_t T = scores.tokens;
+  const auto& prot = scores.protected_tokens;
+  std::vector<char> is_protected(static_cast<std::size_t>(T), 0);
+  for (std::int64_t j : prot) is_protected[static_cast<std::size_t>(j)] = 1;
+  std::vector<std::int64_t> candidates;
+  for (std::int64_t j = 0; j < T; ++j)
+    if (!is_protected[static_cast<std::size_t>(j)]) candidates.push_back(j);
+  const auto n_prot = static_cast<std::int64_t>(prot.size());
+  std::vector<Plan> plans;
+  std::vector<std::int64_t> kept;
+  for (int h = 0; h < scores.heads; ++h) {
+    const std::int64_t budget = head_budgets[static_cast<std::size_t>(h)];
+    if (budget >= T) {
+      plans.push_back(Plan::identity(T));
+      continue;
+    }
+    if (budget < n_prot)
+      throw Error(ErrorKind::kImpossibleBudget, method + ": budget " + std::to_string(budget) + " of kv head " +
+                                                    std::to_string(h) + " cannot hold its " + std::to_string(n_prot) +
+                                                    " protected tokens");
+    for (std::int64_t j : candidates)
+      if (std::isnan(scores.head(h)[j]))
+        throw Error(ErrorKind::kBadNumber, method + ": score of token " + std::to_string(j) + " of kv head " +
+                                               std::to_string(h) + " is NaN");
+    cpu::top_k(scores.head(h), candidates, budget - n_prot, kept);
+    plans.push_back(Plan::keep(T, ref::merge_sorted(kept, prot)));
+  }
+  return plans;
+}
+
+}  // namespace kvscope::opt

@@ -1,0 +1,24 @@
+// Per-head top-k selection (the reference's top_k contract: higher score
+// first, equal scores keep the lower index), and segmentation of adjacent
+// keys into merge sets.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvscope/opt/cpu/storage.hpp"
+
+namespace kvscope::opt::cpu {
+
+/// The k best of `candidates` by `scores` (indexed by token), written to
+/// `kept` in ascending token order. k is clamped to the candidate count.
+/// O(n) selection (nth_element) plus O(k log k) sort. Scores must not be NaN.
+void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
+           std::vector<std::int64_t>& kept);
+
+/// cos(k_j, k_{j+1}) of every adjacent key pair of each kv head: out [kv_heads, T - 1].
+template <class S>
+void adjacent_key_cosine(const LayerShape& s, const S* k, float* out);
+
+}  // namespace kvscope::opt::cpu

@@ -1,0 +1,62 @@
+// Storage element types of the CPU kernels: float, Eigen::half (IEEE fp16) and
+// Eigen::bfloat16, all converted to fp32 for compute (Eigen's conversions use
+// F16C when the compiler targets it). `dispatch_storage` turns a runtime DType
+// into the template argument.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+
+#include "kvscope/core/dtype.hpp"
+
+namespace kvscope::opt::cpu {
+
+using f16 = Eigen::half;
+using bf16 = Eigen::bfloat16;
+
+template <class S>
+inline float to_f32(S x) {
+  return static_cast<float>(x);
+}
+template <class S>
+inline S from_f32(float x) {
+  return static_cast<S>(x);
+}
+
+/// Converts n storage elements to fp32.
+template <class S>
+inline void load_row(const S* src, std::int64_t n, float* dst) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+/// Calls f(S{}) with the storage type of `t`.
+template <class F>
+decltype(auto) dispatch_storage(DType t, F&& f) {
+  switch (t) {
+    case DType::kF16: return f(f16{});
+    case DType::kBF16: return f(bf16{});
+    case DType::kF32: break;
+  }
+  return f(float{});
+}
+
+/// Shapes of one layer as the kernels see it: q [q_heads, tokens, d],
+/// k and v [kv_heads, tokens, d], row-major and contiguous.
+struct LayerShape {
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  std::int64_t tokens = 0;
+  int group() const { return kv_heads > 0 ? q_heads / kv_heads : 0; }
+};
+
+/// fp32 dot product; `omp simd` lets the compiler vectorise the reduction in
+/// a fixed order (the same result on every run and thread count).
+inline float dot(const float* a, const float* b, int n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+}  // namespace kvscope::opt::cpu

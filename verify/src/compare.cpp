@@ -1,0 +1,116 @@
+#include "kvscope/verify/compare.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace kvscope::verify {
+namespace {
+
+std::vector<char> kept_mask(const Plan& p) {
+  std::vector<char> m(static_cast<std::size_t>(p.n), 0);
+  for (std::int64_t t : p.token) m[static_cast<std::size_t>(t)] = 1;
+  return m;
+}
+
+}  // namespace
+
+SelectionDiff compare_selection(const Plan& ref, const Plan& opt, const ref::VecX* ref_scores,
+                                std::span<const char> is_protected, double delta) {
+  SelectionDiff d;
+  d.plans_equal = ref.n == opt.n && ref.row_ptr == opt.row_ptr && ref.token == opt.token &&
+                  ref.coef_k == opt.coef_k && ref.coef_v == opt.coef_v && ref.position == opt.position &&
+                  ref.count == opt.count && ref.positions == opt.positions;
+  const std::vector<char> a = kept_mask(ref), b = kept_mask(opt);
+  if (ref.n != opt.n) {
+    d.mismatches = 1;
+    d.first_mismatch = "plans range over " + std::to_string(ref.n) + " and " + std::to_string(opt.n) + " tokens";
+    return d;
+  }
+  const auto prot = [&](std::int64_t j) { return !is_protected.empty() && is_protected[static_cast<std::size_t>(j)]; };
+  // The reference's decision boundary over the candidates.
+  double min_kept = std::numeric_limits<double>::infinity(), max_evicted = -min_kept, scale = 0;
+  if (ref_scores)
+    for (std::int64_t j = 0; j < ref.n; ++j) {
+      if (prot(j)) continue;
+      const double s = (*ref_scores)[j];
+      scale = std::max(scale, std::abs(s));
+      if (a[static_cast<std::size_t>(j)])
+        min_kept = std::min(min_kept, s);
+      else
+        max_evicted = std::max(max_evicted, s);
+    }
+  const double slack = delta * scale + std::numeric_limits<double>::min();
+  std::int64_t both = 0, either = 0;
+  for (std::int64_t j = 0; j < ref.n; ++j) {
+    const bool in_a = a[static_cast<std::size_t>(j)], in_b = b[static_cast<std::size_t>(j)];
+    d.kept_ref += in_a;
+    d.kept_opt += in_b;
+    both += in_a && in_b;
+    either += in_a || in_b;
+    if (in_a == in_b) continue;
+    bool tie = false;
+    if (ref_scores && !prot(j)) {
+      const double s = (*ref_scores)[j];
+      // Kept by the backend only: it must score within the margin of the lowest kept;
+      // dropped by the backend only: within the margin of the highest evicted.
+      tie = in_b ? s >= min_kept - slack : s <= max_evicted + slack;
+    }
+    if (tie) {
+      ++d.ties;
+    } else {
+      if (d.mismatches == 0)
+        d.first_mismatch = "token " + std::to_string(j) + (in_a ? " kept by the reference only" : " kept by the backend only") +
+                           (ref_scores && !prot(j) ? " (reference score " + std::to_string((*ref_scores)[j]) +
+                                                         ", boundary [" + std::to_string(max_evicted) + ", " +
+                                                         std::to_string(min_kept) + "])"
+                                                   : "");
+      ++d.mismatches;
+    }
+  }
+  d.jaccard = either > 0 ? 1.0 - static_cast<double>(both) / static_cast<double>(either) : 0.0;
+  // Same kept sets but different rows (merges, positions): a mismatch unless
+  // the difference comes from decisions already counted as ties.
+  if (!d.plans_equal && d.ties == 0 && d.mismatches == 0) {
+    d.mismatches = 1;
+    d.first_mismatch = "same kept tokens but different slots (coefficients, positions or counts)";
+  }
+  return d;
+}
+
+NumberDiff compare_numbers(std::span<const double> ref, std::span<const float> opt, std::span<const double> naive,
+                           const Tolerance& tol) {
+  NumberDiff d;
+  d.count = static_cast<std::int64_t>(ref.size());
+  double diff2 = 0, ref2 = 0, opt2 = 0, dot = 0, naive2 = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double o = static_cast<double>(opt[i]);
+    if (!std::isfinite(o)) {
+      ++d.non_finite;
+      continue;
+    }
+    diff2 += (o - ref[i]) * (o - ref[i]);
+    ref2 += ref[i] * ref[i];
+    opt2 += o * o;
+    dot += o * ref[i];
+    naive2 += (naive[i] - ref[i]) * (naive[i] - ref[i]);
+  }
+  const double norm = std::sqrt(ref2);
+  d.rel_l2 = norm > 0 ? std::sqrt(diff2) / norm : std::sqrt(diff2);
+  d.naive_rel_l2 = norm > 0 ? std::sqrt(naive2) / norm : std::sqrt(naive2);
+  d.cosine = ref2 > 0 && opt2 > 0 ? dot / std::sqrt(ref2 * opt2) : (ref2 == opt2 ? 1.0 : 0.0);
+  d.bound = tol.k * d.naive_rel_l2 + tol.floor;
+  if (d.non_finite > 0)
+    d.why = std::to_string(d.non_finite) + " non-finite values (unwritten or overflowed)";
+  else if (d.rel_l2 > tol.rel_l2)
+    d.why = "rel-L2 " + std::to_string(d.rel_l2) + " > tolerance " + std::to_string(tol.rel_l2);
+  else if (d.rel_l2 > d.bound)
+    d.why = "rel-L2 " + std::to_string(d.rel_l2) + " > k*naive+floor " + std::to_string(d.bound);
+  else if (d.cosine < tol.cosine_min)
+    d.why = "cosine " + std::to_string(d.cosine) + " < " + std::to_string(tol.cosine_min);
+  d.pass = d.why.empty();
+  return d;
+}
+
+}  // namespace kvscope::verify

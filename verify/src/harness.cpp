@@ -1,0 +1,154 @@
+#include "kvscope/verify/harness.hpp"
+
+#include <omp.h>
+
+#include <cstring>
+
+#include "kvscope/opt/ragged_cache.hpp"
+#include "kvscope/reference/plan_apply.hpp"
+#include "kvscope/reference/scorer.hpp"
+#include "kvscope/replay/layer_input.hpp"
+
+namespace kvscope::verify {
+namespace {
+
+struct BackendRun {
+  ref::LayerPlans plans;
+  opt::RaggedCache cache;  // of the reference plans
+  std::vector<float> out;  // decode attention over `cache`
+};
+
+BackendRun run_backend(const opt::BackendMethod& backend, const opt::LayerStorage& storage,
+                       const std::vector<Plan>& ref_plans, const std::vector<float>& q, int q_heads,
+                       std::int64_t budget, double theta, bool bias, int threads) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  BackendRun r;
+  try {
+    r.plans = backend.prefill(storage, budget);
+    r.cache = opt::compact(storage, ref_plans, theta);
+    r.out = opt::decode_attention(r.cache, q, q_heads, bias);
+  } catch (...) {
+    omp_set_num_threads(saved);
+    throw;
+  }
+  omp_set_num_threads(saved);
+  return r;
+}
+
+bool same_bits(const opt::StorageBuffer& a, const opt::StorageBuffer& b) {
+  if (a.size() != b.size()) return false;
+  for (std::int64_t i = 0; i < a.size(); ++i) {
+    const float x = a.get(i), y = b.get(i);
+    if (std::memcmp(&x, &y, sizeof x) != 0) return false;
+  }
+  return true;
+}
+
+bool same_plans(const ref::LayerPlans& a, const ref::LayerPlans& b) {
+  if (a.head_budgets != b.head_budgets || a.plans.size() != b.plans.size()) return false;
+  for (std::size_t h = 0; h < a.plans.size(); ++h)
+    if (!compare_selection(a.plans[h], b.plans[h], nullptr, {}, 0).plans_equal) return false;
+  return true;
+}
+
+}  // namespace
+
+LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod& backend, const TraceMeta& meta,
+                          int layer, const LayerData& data, std::int64_t budget, const VerifyOptions& options) {
+  LayerVerdict v;
+  v.layer = layer;
+  const Tolerance tol = tolerance(meta.dtype);
+  const int d = meta.head_dim, hq = meta.q_heads, hkv = meta.kv_heads;
+  const std::int64_t T = meta.prompt_len;
+  const auto fail = [&v](const std::string& why) {
+    if (v.failure.empty()) v.failure = why;
+  };
+
+  // Reference: plans, the scores they were decided with, caches in double.
+  const ref::LayerInput in = replay::make_layer_input(meta, layer, data);
+  const ref::LayerPlans rp = reference.prefill(in, budget);
+  const std::optional<ref::LayerScores> scores = reference.decision_scores(in, rp, budget);
+  std::vector<ref::HeadCache> ref_caches;
+  for (int h = 0; h < hkv; ++h)
+    ref_caches.push_back(ref::apply_plan(rp.plans[static_cast<std::size_t>(h)], replay::head_matrix(data.prefill_k, h),
+                                         replay::head_matrix(data.prefill_v, h), meta.rope_theta));
+
+  // The decode query of every q head.
+  std::vector<float> q(static_cast<std::size_t>(hq * d));
+  for (int h = 0; h < hq; ++h) {
+    const auto row = meta.decode_steps > 0 ? data.decode_q.row(h, 0) : data.prefill_q.row(h, T - 1);
+    std::copy(row.begin(), row.end(), q.begin() + static_cast<std::ptrdiff_t>(h) * d);
+  }
+
+  // Backend, at one thread and at N: the two runs must agree bit for bit.
+  const opt::LayerStorage storage = opt::pack_layer(meta, layer, data);
+  v.threads = options.threads > 0 ? options.threads : omp_get_max_threads();
+  const BackendRun one = run_backend(backend, storage, rp.plans, q, hq, budget, meta.rope_theta,
+                                     options.log_count_bias, 1);
+  const BackendRun many = run_backend(backend, storage, rp.plans, q, hq, budget, meta.rope_theta,
+                                      options.log_count_bias, v.threads);
+  v.deterministic = same_plans(one.plans, many.plans) && same_bits(one.cache.k, many.cache.k) &&
+                    same_bits(one.cache.v, many.cache.v) &&
+                    std::memcmp(one.out.data(), many.out.data(), one.out.size() * sizeof(float)) == 0;
+  if (!v.deterministic) fail("results differ between 1 and " + std::to_string(v.threads) + " threads");
+
+  // Selections: the backend's own plans against the reference's.
+  if (one.plans.plans.size() != rp.plans.size()) fail("backend returned " + std::to_string(one.plans.plans.size()) + " plans");
+  std::vector<char> prot(static_cast<std::size_t>(T), 0);
+  if (scores)
+    for (std::int64_t j : scores->protected_tokens) prot[static_cast<std::size_t>(j)] = 1;
+  for (std::size_t h = 0; h < rp.plans.size() && h < one.plans.plans.size(); ++h) {
+    const ref::VecX* s = scores ? &scores->per_kv_head[h] : nullptr;
+    v.heads.push_back(compare_selection(rp.plans[h], one.plans.plans[h], s, prot, tol.score_delta));
+    if (!v.heads.back().pass()) fail("kv head " + std::to_string(h) + " selection: " + v.heads.back().first_mismatch);
+  }
+
+  // Numbers: the backend's caches of the reference plans, then decode attention.
+  std::vector<double> rk, rv, nk, nv;
+  std::vector<float> ok, ov;
+  for (int h = 0; h < hkv; ++h) {
+    const ref::HeadCache& c = ref_caches[static_cast<std::size_t>(h)];
+    for (std::int64_t i = 0; i < c.K.size(); ++i) {
+      rk.push_back(c.K.data()[i]);
+      rv.push_back(c.V.data()[i]);
+      nk.push_back(round_to_dtype(static_cast<float>(c.K.data()[i]), meta.dtype));
+      nv.push_back(round_to_dtype(static_cast<float>(c.V.data()[i]), meta.dtype));
+    }
+  }
+  for (std::int64_t i = 0; i < one.cache.k.size(); ++i) {
+    ok.push_back(one.cache.k.get(i));
+    ov.push_back(one.cache.v.get(i));
+  }
+  if (ok.size() != rk.size()) {
+    fail("backend cache holds " + std::to_string(ok.size()) + " values, reference " + std::to_string(rk.size()));
+    return v;
+  }
+  v.keys = compare_numbers(rk, ok, nk, tol);
+  v.values = compare_numbers(rv, ov, nv, tol);
+  if (!v.keys.pass) fail("keys: " + v.keys.why);
+  if (!v.values.pass) fail("values: " + v.values.why);
+
+  std::vector<double> ro, no;
+  for (int h = 0; h < hq; ++h) {
+    const ref::HeadCache& c = ref_caches[static_cast<std::size_t>(ref::kv_head_of(h, hq, hkv))];
+    ref::VecX qh(d);
+    for (int i = 0; i < d; ++i) qh[i] = static_cast<double>(q[static_cast<std::size_t>(h * d + i)]);
+    const ref::VecX bias = ref::log_count_bias(c.plan);
+    const ref::VecX* b = options.log_count_bias ? &bias : nullptr;
+    const ref::VecX o = ref::attend(qh, c.K, c.V, b).output;
+    // Naive low precision: the same attention over the cache rounded to the storage dtype.
+    const ref::MatX Kr = c.K.unaryExpr([&](double x) { return static_cast<double>(round_to_dtype(static_cast<float>(x), meta.dtype)); });
+    const ref::MatX Vr = c.V.unaryExpr([&](double x) { return static_cast<double>(round_to_dtype(static_cast<float>(x), meta.dtype)); });
+    const ref::VecX on = ref::attend(qh, Kr, Vr, b).output;
+    for (int i = 0; i < d; ++i) {
+      ro.push_back(o[i]);
+      no.push_back(on[i]);
+    }
+  }
+  v.outputs = compare_numbers(ro, one.out, no, tol);
+  if (!v.outputs.pass) fail("decode outputs: " + v.outputs.why);
+  return v;
+}
+
+}  // namespace kvscope::verify
