@@ -16,59 +16,13 @@
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/replay.hpp"
+#include "kvscope_random_case.hpp"
 
 using namespace kvscope;
+using kvscope::tests::Case;
+using kvscope::tests::random_case;
 
 namespace {
-
-struct Case {
-  TraceMeta meta;
-  LayerData layer;
-  std::int64_t budget = 0;
-};
-
-// Values: a coarse grid (exact ties), a fine range (near-ties), or special
-// values mixed in (zeros, subnormal-small, large enough to saturate softmax).
-enum class Values { kGrid, kFine, kSpecial };
-
-float random_value(Values kind) {
-  switch (kind) {
-    case Values::kGrid: return static_cast<float>(*rc::gen::inRange(-3, 4)) * 0.5f;
-    case Values::kFine: return static_cast<float>(*rc::gen::inRange(-4000, 4001)) / 1000.0f;
-    case Values::kSpecial:
-      return *rc::gen::element(0.0f, -0.0f, 1e-38f, -1e-38f, 1e-3f, 30.0f, -30.0f, 1.0f, -1.0f);
-  }
-  return 0.0f;
-}
-
-Tensor random_tensor(std::vector<std::int64_t> shape, Values kind) {
-  Tensor t(std::move(shape));
-  for (float& x : t.data) x = random_value(kind);
-  return t;
-}
-
-Case random_case() {
-  Case c;
-  TraceMeta& m = c.meta;
-  m.layers = 1;
-  m.kv_heads = *rc::gen::inRange(1, 3);
-  m.q_heads = m.kv_heads * *rc::gen::inRange(1, 9);  // GQA group sizes 1..8
-  m.head_dim = 2 * *rc::gen::inRange(1, 5);
-  m.prompt_len = *rc::gen::inRange<std::int64_t>(1, 25);
-  m.decode_steps = *rc::gen::inRange<std::int64_t>(1, 5);
-  const Values grid = *rc::gen::element(Values::kGrid, Values::kFine, Values::kSpecial);
-  const std::int64_t T = m.prompt_len, S = m.decode_steps, d = m.head_dim;
-  c.layer.prefill_q = random_tensor({m.q_heads, T, d}, grid);
-  c.layer.prefill_k = random_tensor({m.kv_heads, T, d}, grid);
-  c.layer.prefill_v = random_tensor({m.kv_heads, T, d}, grid);
-  c.layer.decode_q = random_tensor({m.q_heads, S, d}, grid);
-  c.layer.decode_k = random_tensor({m.kv_heads, S, d}, grid);
-  c.layer.decode_v = random_tensor({m.kv_heads, S, d}, grid);
-  // Budgets around the edges: 0, 1, small, about T, and covering T + S.
-  c.budget = *rc::gen::oneOf(rc::gen::inRange<std::int64_t>(0, 3), rc::gen::inRange<std::int64_t>(0, T + 1),
-                             rc::gen::inRange<std::int64_t>(T - 1, T + S + 2));
-  return c;
-}
 
 class Records final : public replay::RecordSink {
  public:

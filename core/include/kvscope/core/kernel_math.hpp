@@ -38,11 +38,14 @@ KVSCOPE_HD float log_count_bias(std::int64_t count) {
   return count > 1 ? logf(static_cast<float>(count)) : 0.0f;
 }
 
-/// Cosine similarity from a dot product and the two squared norms; 0 when
-/// either vector is zero (no direction to compare).
+/// Cosine similarity from a dot product and the two squared norms, clamped to
+/// [-1, 1] (ref::key_cosine's contract): two zero vectors are identical (1),
+/// one zero vector has no direction in common with anything (0).
 KVSCOPE_HD float cosine(float dot, float norm2_a, float norm2_b) {
-  const float denom = sqrtf(norm2_a) * sqrtf(norm2_b);
-  return denom > 0.0f ? dot / denom : 0.0f;
+  if (norm2_a == 0.0f && norm2_b == 0.0f) return 1.0f;
+  if (norm2_a == 0.0f || norm2_b == 0.0f) return 0.0f;
+  const float c = dot / (sqrtf(norm2_a) * sqrtf(norm2_b));
+  return c < -1.0f ? -1.0f : c > 1.0f ? 1.0f : c;
 }
 
 /// Gaussian kernel weight exp(-dist2 / (2 sigma^2)) (KVMerger eq. 8 weights).

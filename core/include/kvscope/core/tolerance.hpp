@@ -23,14 +23,20 @@ struct Tolerance {
 /// Scores are fp32 compute over the same stored values for every dtype (the
 /// reference reads exactly those values), so score_delta does not depend on
 /// the dtype; numbers do, through the rounding of the stored cache
-/// (unit roundoff: fp16 4.9e-4, bf16 3.9e-3).
+/// (unit roundoff: fp16 4.9e-4, bf16 3.9e-3). The floor is the fp32 compute
+/// error of the backend (d = 128 dot products, softmax), the same for every dtype.
+/// Unit roundoff of a storage dtype (half an ulp of 1).
+inline double unit_roundoff(DType t) {
+  return t == DType::kF16 ? 0x1p-11 : t == DType::kBF16 ? 0x1p-8 : 0x1p-24;
+}
+
 inline Tolerance tolerance(DType storage) {
   switch (storage) {
     case DType::kF16: return {1e-3, 0.9999, 2.0, 1e-5, 1e-4};
-    case DType::kBF16: return {1e-2, 0.999, 2.0, 1e-4, 1e-4};
+    case DType::kBF16: return {1e-2, 0.999, 2.0, 1e-5, 1e-4};
     case DType::kF32: break;
   }
-  return {1e-5, 0.999999, 2.0, 1e-6, 1e-4};
+  return {1e-5, 0.999999, 2.0, 1e-5, 1e-4};
 }
 
 }  // namespace kvscope

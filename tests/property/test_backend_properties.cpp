@@ -1,0 +1,89 @@
+// Every method the CPU backend implements, with every preset, through the
+// differential harness on random layers (DESIGN.md section 4; docs/verification.md):
+// odd sizes, GQA groups 1..8, head dims 64/128 and small ones, budgets around
+// the edges, fp32/fp16/bf16 storage. Selections must match up to reported ties,
+// numbers must meet the dtype table, and two thread counts must agree bit for bit.
+#include <gtest/gtest.h>
+#include <rapidcheck.h>
+
+#include "kvscope/core/error.hpp"
+#include "kvscope/opt/backend.hpp"
+#include "kvscope/reference/registry.hpp"
+#include "kvscope/verify/harness.hpp"
+#include "kvscope_random_case.hpp"
+
+using namespace kvscope;
+
+namespace {
+
+std::vector<std::string> cpu_specs() {
+  std::vector<std::string> specs;
+  const std::vector<std::string> cpu = opt::cpu_families();
+  for (const auto& f : ref::method_families()) {
+    if (std::find(cpu.begin(), cpu.end(), f.family) == cpu.end()) continue;
+    specs.push_back(f.family);
+    for (std::size_t i = 1; i < f.presets.size(); ++i) specs.push_back(f.family + "@" + f.presets[i].name);
+  }
+  return specs;
+}
+
+/// The error kind of running `f`, or nullopt when it returns.
+template <class F>
+std::optional<ErrorKind> error_of(F&& f, std::string& why) {
+  try {
+    f();
+  } catch (const Error& e) {
+    why += std::string(e.what()) + "; ";
+    return e.kind();
+  }
+  return std::nullopt;
+}
+
+class BackendProperties : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(BackendProperties, CpuMatchesReference) {
+  const std::string spec = GetParam();
+  const auto reference = ref::make_method(MethodSpec::parse(spec));
+  const auto backend = opt::make_cpu_method(MethodSpec::parse(spec));
+  tests::CaseShape shape;
+  shape.max_kv_heads = 3;
+  shape.head_dims = {2, 6, 8, 64, 128};
+  shape.max_tokens = 96;  // past the 32-64 token observation windows, so window scores decide
+  shape.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
+  const bool ok = rc::check("cpu backend vs reference: " + spec, [&] {
+    const tests::Case c = tests::random_case(shape);
+    RC_TAG(dtype_name(c.meta.dtype));
+    // Both sides refuse the same impossible budgets, with the same kind of error.
+    const opt::LayerStorage storage = opt::pack_layer(c.meta, 0, c.layer);
+    std::string why;
+    const auto opt_error = error_of([&] { backend->prefill(storage, c.budget); }, why);
+    verify::LayerVerdict v;
+    const auto ref_error =
+        error_of([&] { v = verify::verify_layer(*reference, *backend, c.meta, 0, c.layer, c.budget); }, why);
+    RC_LOG() << "T=" << c.meta.prompt_len << " d=" << c.meta.head_dim << " heads " << c.meta.q_heads << "/"
+             << c.meta.kv_heads << " budget=" << c.budget << ": " << why << "\n";
+    RC_ASSERT(opt_error == ref_error);
+    if (ref_error) {
+      RC_TAG("refused");
+      return;
+    }
+    RC_LOG() << v.failure << "\n";
+    std::int64_t ties = 0;
+    for (const auto& h : v.heads) ties += h.ties;
+    if (ties > 0) RC_TAG("ties decided differently");
+    RC_ASSERT(v.pass());
+    RC_ASSERT(v.deterministic);
+  });
+  EXPECT_TRUE(ok) << spec;
+}
+
+std::string test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string s = info.param;
+  for (char& ch : s)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return s;
+}
+
+INSTANTIATE_TEST_SUITE_P(CpuMethods, BackendProperties, ::testing::ValuesIn(cpu_specs()), test_name);
+
+}  // namespace

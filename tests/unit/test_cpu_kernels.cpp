@@ -1,0 +1,301 @@
+// Every CPU kernel against its reference counterpart, in every storage dtype,
+// on fixed-seed random inputs (the inputs are representable in the dtype, so
+// the reference sees exactly what the kernel reads: differences are fp32
+// compute only). Tolerances come from core/tolerance.hpp.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "kvscope/core/tolerance.hpp"
+#include "kvscope/opt/cpu/ragged.hpp"
+#include "kvscope/opt/cpu/scores.hpp"
+#include "kvscope/opt/cpu/select.hpp"
+#include "kvscope/opt/layer_storage.hpp"
+#include "kvscope/reference/methods/kvmerger.hpp"
+#include "kvscope/reference/plan_apply.hpp"
+#include "kvscope/reference/scores.hpp"
+
+using namespace kvscope;
+using ref::MatX;
+using ref::VecX;
+
+namespace {
+
+constexpr DType kDtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+
+/// A [heads, T, d] tensor of standard normals rounded to `t`, its storage, and per-head double views.
+struct Heads {
+  Tensor tensor;
+  opt::StorageBuffer storage;
+  std::vector<MatX> mats;
+};
+
+Heads random_heads(int heads, std::int64_t T, int d, DType t, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g;
+  Heads h{Tensor({heads, T, d}), {}, {}};
+  for (float& x : h.tensor.data) x = round_to_dtype(g(rng), t);
+  h.storage = opt::pack(h.tensor, t);
+  for (int i = 0; i < heads; ++i) {
+    MatX m(T, d);
+    for (std::int64_t r = 0; r < T; ++r)
+      for (int c = 0; c < d; ++c) m(r, c) = h.tensor.row(i, r)[static_cast<std::size_t>(c)];
+    h.mats.push_back(std::move(m));
+  }
+  return h;
+}
+
+double max_rel_diff(const float* got, const VecX& want) {
+  const double scale = std::max(want.cwiseAbs().maxCoeff(), 1e-30);
+  double worst = 0;
+  for (Eigen::Index i = 0; i < want.size(); ++i) worst = std::max(worst, std::abs(got[i] - want[i]) / scale);
+  return worst;
+}
+
+template <class F>
+void with_storage(const opt::StorageBuffer& b, F&& f) {
+  opt::cpu::dispatch_storage(b.dtype(), [&](auto tag) { f(b.data<decltype(tag)>()); });
+}
+
+constexpr double kScoreTol = 2e-5;  // fp32 softmax sums against double, relative to the largest score
+
+TEST(CpuKernels, WindowScoresMatchReferenceWithGqa) {
+  for (DType t : kDtypes)
+    for (auto rows : {opt::cpu::Reduce::kSum, opt::cpu::Reduce::kMean, opt::cpu::Reduce::kMax}) {
+      const opt::cpu::LayerShape s{6, 2, 16, 37};
+      const Heads q = random_heads(6, 37, 16, t, 1), k = random_heads(2, 37, 16, t, 2);
+      std::vector<float> out(6 * 37, -1.0f);
+      with_storage(q.storage, [&](const auto* qp) {
+        using S = std::remove_cv_t<std::remove_pointer_t<decltype(qp)>>;
+        opt::cpu::window_scores(s, qp, k.storage.data<S>(), 8, rows, out.data());
+      });
+      const ref::Reduce rr = rows == opt::cpu::Reduce::kSum ? ref::Reduce::kSum
+                             : rows == opt::cpu::Reduce::kMean ? ref::Reduce::kMean : ref::Reduce::kMax;
+      for (int h = 0; h < 6; ++h) {
+        const VecX want = ref::window_scores(q.mats[static_cast<std::size_t>(h)], k.mats[static_cast<std::size_t>(h / 3)], 8, rr);
+        EXPECT_LT(max_rel_diff(out.data() + h * 37, want), kScoreTol) << dtype_name(t) << " q head " << h;
+      }
+    }
+}
+
+TEST(CpuKernels, WindowLongerThanPromptIsClamped) {
+  const opt::cpu::LayerShape s{1, 1, 4, 5};
+  const Heads q = random_heads(1, 5, 4, DType::kF32, 3), k = random_heads(1, 5, 4, DType::kF32, 4);
+  std::vector<float> out(5);
+  opt::cpu::window_scores(s, q.storage.data<float>(), k.storage.data<float>(), 64, opt::cpu::Reduce::kSum, out.data());
+  EXPECT_LT(max_rel_diff(out.data(), ref::window_scores(q.mats[0], k.mats[0], 64, ref::Reduce::kSum)), kScoreTol);
+  double total = 0;
+  for (float x : out) total += x;
+  EXPECT_NEAR(total, 5.0, 1e-5);  // five softmax rows, each summing to one
+}
+
+TEST(CpuKernels, AccumulatedAttentionMatchesCausalColumnSums) {
+  for (DType t : kDtypes)
+    for (bool per_query : {false, true}) {
+      const opt::cpu::LayerShape s{4, 2, 8, 29};
+      const Heads q = random_heads(4, 29, 8, t, 5), k = random_heads(2, 29, 8, t, 6);
+      std::vector<float> out(4 * 29);
+      with_storage(q.storage, [&](const auto* qp) {
+        using S = std::remove_cv_t<std::remove_pointer_t<decltype(qp)>>;
+        opt::cpu::accumulated_attention(s, qp, k.storage.data<S>(), per_query, out.data());
+      });
+      for (int h = 0; h < 4; ++h) {
+        VecX want = ref::causal_attention_colsum(q.mats[static_cast<std::size_t>(h)], k.mats[static_cast<std::size_t>(h / 2)]);
+        if (per_query)
+          for (Eigen::Index j = 0; j < want.size(); ++j) want[j] /= static_cast<double>(29 - j);
+        EXPECT_LT(max_rel_diff(out.data() + h * 29, want), kScoreTol) << dtype_name(t) << " q head " << h;
+      }
+    }
+}
+
+TEST(CpuKernels, KeyNormsAndAdjacentCosines) {
+  for (DType t : kDtypes) {
+    const opt::cpu::LayerShape s{2, 2, 16, 21};
+    Heads k = random_heads(2, 21, 16, t, 7);
+    // Two zero keys in a row (cosine 1 by contract) and one zero next to a non-zero key (0).
+    for (std::int64_t r : {3, 4})
+      for (int c = 0; c < 16; ++c) k.storage.set((1 * 21 + r) * 16 + c, 0.0f), k.mats[1](r, c) = 0.0;
+    std::vector<float> norms(2 * 21), cos(2 * 20);
+    with_storage(k.storage, [&](const auto* kp) {
+      opt::cpu::key_norm_scores(s, kp, norms.data());
+      opt::cpu::adjacent_key_cosine(s, kp, cos.data());
+    });
+    for (int h = 0; h < 2; ++h) {
+      const MatX& K = k.mats[static_cast<std::size_t>(h)];
+      EXPECT_LT(max_rel_diff(norms.data() + h * 21, -K.rowwise().norm()), 1e-6) << dtype_name(t);
+      VecX want(20);
+      for (int j = 0; j < 20; ++j) want[j] = ref::key_cosine(K.row(j).transpose(), K.row(j + 1).transpose());
+      EXPECT_LT(max_rel_diff(cos.data() + h * 20, want), 1e-6) << dtype_name(t);
+    }
+    EXPECT_EQ(cos[20 + 3], 1.0f);
+    EXPECT_EQ(cos[20 + 2], 0.0f);
+  }
+}
+
+TEST(CpuKernels, PoolingFollowsTorchEdgesIncludingKernelLongerThanInput) {
+  std::mt19937_64 rng(8);
+  std::normal_distribution<double> g;
+  for (std::int64_t n : {1, 2, 5, 13})
+    for (std::int64_t kernel : {1, 3, 5, 7, 31})
+      for (auto pool : {opt::cpu::Pool::kNone, opt::cpu::Pool::kAvg, opt::cpu::Pool::kMax}) {
+        VecX x(n);
+        std::vector<float> xf(static_cast<std::size_t>(n)), y(static_cast<std::size_t>(n));
+        for (std::int64_t i = 0; i < n; ++i) xf[static_cast<std::size_t>(i)] = static_cast<float>(g(rng)), x[i] = xf[static_cast<std::size_t>(i)];
+        opt::cpu::pool1d(xf.data(), n, kernel, pool, y.data());
+        const ref::Pool rp = pool == opt::cpu::Pool::kNone ? ref::Pool::kNone
+                             : pool == opt::cpu::Pool::kAvg ? ref::Pool::kAvg : ref::Pool::kMax;
+        EXPECT_LT(max_rel_diff(y.data(), ref::pool1d(x, kernel, rp)), 1e-6) << "n " << n << " kernel " << kernel;
+      }
+}
+
+TEST(CpuKernels, GroupReduceMatchesReference) {
+  std::vector<VecX> per_q;
+  std::vector<float> in;
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> g;
+  for (int h = 0; h < 6; ++h) {
+    VecX v(11);
+    for (int j = 0; j < 11; ++j) in.push_back(g(rng)), v[j] = in.back();
+    per_q.push_back(v);
+  }
+  for (auto r : {ref::Reduce::kSum, ref::Reduce::kMean, ref::Reduce::kMax}) {
+    std::vector<float> out(2 * 11);
+    const auto cr = r == ref::Reduce::kSum ? opt::cpu::Reduce::kSum : r == ref::Reduce::kMean ? opt::cpu::Reduce::kMean : opt::cpu::Reduce::kMax;
+    opt::cpu::group_reduce(in.data(), 6, 2, 11, cr, out.data());
+    for (int kv = 0; kv < 2; ++kv) EXPECT_LT(max_rel_diff(out.data() + kv * 11, ref::group_reduce(per_q, kv, 6, 2, r)), 1e-6);
+  }
+}
+
+TEST(CpuKernels, TopKEqualsReferenceIncludingTies) {
+  std::mt19937_64 rng(10);
+  for (int trial = 0; trial < 200; ++trial) {
+    const std::int64_t n = 1 + static_cast<std::int64_t>(rng() % 40);
+    std::vector<float> s(static_cast<std::size_t>(n));
+    VecX sd(n);
+    for (std::int64_t j = 0; j < n; ++j) s[static_cast<std::size_t>(j)] = static_cast<float>(rng() % 4), sd[j] = s[static_cast<std::size_t>(j)];  // many exact ties
+    std::vector<std::int64_t> cand;
+    for (std::int64_t j = 0; j < n; ++j)
+      if (rng() % 4 != 0) cand.push_back(j);
+    const std::int64_t k = static_cast<std::int64_t>(rng() % (cand.size() + 2));
+    std::vector<std::int64_t> kept;
+    opt::cpu::top_k(s.data(), cand, k, kept);
+    EXPECT_EQ(kept, ref::top_k(sd, cand, k).kept) << "trial " << trial;
+  }
+}
+
+/// A random plan over T tokens: one-hot, merged (weights), value-only and re-rotated rows.
+Plan random_plan(std::int64_t T, std::mt19937_64& rng, bool rerotated) {
+  Plan p;
+  p.n = T;
+  p.positions = rerotated ? PositionMode::kRerotated : PositionMode::kOriginal;
+  std::uniform_real_distribution<double> w(0.1, 1.0);
+  for (std::int64_t slot = 0; slot < T / 2; ++slot) {
+    const std::int64_t j = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(T));
+    if (rerotated || rng() % 3 == 0) {
+      const std::int64_t tok[] = {j};
+      const double one[] = {1.0};
+      p.add_row(tok, one, one, rerotated ? slot : j, 1);
+    } else {
+      const std::int64_t a = std::min(j, T - 2), tok[] = {a, a + 1};
+      const double ck[] = {w(rng), rng() % 2 ? 0.0 : w(rng)}, cv[] = {w(rng), w(rng)};
+      p.add_row(tok, ck, cv, a, 2);
+    }
+  }
+  return p;
+}
+
+TEST(CpuKernels, RaggedPlanMatchesApplyPlanAndWritesEveryRow) {
+  for (DType t : kDtypes)
+    for (bool rerotated : {false, true}) {
+      const int H = 3, d = 8;
+      const std::int64_t T = 23;
+      const Heads k = random_heads(H, T, d, t, 11), v = random_heads(H, T, d, t, 12);
+      std::mt19937_64 rng(13);
+      std::vector<Plan> plans;
+      std::vector<std::int64_t> offsets{0}, row_ptr{0}, token, rotate;
+      std::vector<float> ck, cv;
+      for (int h = 0; h < H; ++h) {
+        plans.push_back(random_plan(T, rng, rerotated));
+        const Plan& p = plans.back();
+        for (std::int64_t i = 0; i < p.slots(); ++i) {
+          for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
+            token.push_back(p.token[static_cast<std::size_t>(e)]);
+            ck.push_back(static_cast<float>(p.coef_k[static_cast<std::size_t>(e)]));
+            cv.push_back(static_cast<float>(p.coef_v[static_cast<std::size_t>(e)]));
+          }
+          row_ptr.push_back(static_cast<std::int64_t>(token.size()));
+          rotate.push_back(rerotated ? p.position[static_cast<std::size_t>(i)] - p.token[static_cast<std::size_t>(p.row_begin(i))] : 0);
+        }
+        offsets.push_back(offsets.back() + p.slots());
+      }
+      const opt::cpu::RaggedPlan rp{H, offsets.data(), row_ptr.data(), token.data(), ck.data(), cv.data(), rotate.data(), 10000.0};
+      opt::StorageBuffer ko(t, offsets.back() * d), vo(t, offsets.back() * d);
+      ko.poison();
+      vo.poison();
+      opt::cpu::dispatch_storage(t, [&](auto tag) {
+        using S = decltype(tag);
+        opt::cpu::apply_ragged_plan<S>(rp, k.storage.data<S>(), v.storage.data<S>(), T, d, ko.data<S>(), vo.data<S>());
+      });
+      const Tolerance tol = tolerance(t);
+      for (int h = 0; h < H; ++h) {
+        const ref::HeadCache c = ref::apply_plan(plans[static_cast<std::size_t>(h)], k.mats[static_cast<std::size_t>(h)],
+                                                 v.mats[static_cast<std::size_t>(h)], 10000.0);
+        for (std::int64_t r = 0; r < c.K.rows(); ++r)
+          for (int i = 0; i < d; ++i) {
+            const std::int64_t at = (offsets[static_cast<std::size_t>(h)] + r) * d + i;
+            ASSERT_TRUE(std::isfinite(ko.get(at)) && std::isfinite(vo.get(at))) << "row left unwritten";
+            EXPECT_NEAR(ko.get(at), c.K(r, i), tol.rel_l2 * (1 + std::abs(c.K(r, i)))) << dtype_name(t);
+            EXPECT_NEAR(vo.get(at), c.V(r, i), tol.rel_l2 * (1 + std::abs(c.V(r, i)))) << dtype_name(t);
+          }
+      }
+    }
+}
+
+TEST(CpuKernels, DecodeAttentionMatchesReferenceWithAndWithoutLogCountBias) {
+  for (DType t : kDtypes)
+    for (bool bias : {false, true}) {
+      const int Hq = 4, Hkv = 2, d = 16;
+      const std::int64_t offsets[] = {0, 9, 30};
+      const Heads k = random_heads(1, 30, d, t, 14), v = random_heads(1, 30, d, t, 15), q = random_heads(Hq, 1, d, DType::kF32, 16);
+      std::vector<float> counts(30), log_bias(30);
+      for (int r = 0; r < 30; ++r) counts[static_cast<std::size_t>(r)] = static_cast<float>(1 + r % 3), log_bias[static_cast<std::size_t>(r)] = std::log(counts[static_cast<std::size_t>(r)]);
+      std::vector<float> out(Hq * d, NAN);
+      opt::cpu::dispatch_storage(t, [&](auto tag) {
+        using S = decltype(tag);
+        opt::cpu::decode_attention<S>(q.tensor.data.data(), Hq, Hkv, d, offsets, k.storage.data<S>(), v.storage.data<S>(),
+                                      bias ? log_bias.data() : nullptr, out.data());
+      });
+      for (int h = 0; h < Hq; ++h) {
+        const int g = h / 2;
+        const std::int64_t first = offsets[g], n = offsets[g + 1] - first;
+        VecX b(n);
+        for (std::int64_t r = 0; r < n; ++r) b[r] = log_bias[static_cast<std::size_t>(first + r)];
+        const VecX want = ref::attend(q.mats[static_cast<std::size_t>(h)].row(0).transpose(), k.mats[0].middleRows(first, n),
+                                      v.mats[0].middleRows(first, n), bias ? &b : nullptr).output;
+        EXPECT_LT(max_rel_diff(out.data() + h * d, want), 1e-5) << dtype_name(t) << " q head " << h;
+      }
+    }
+}
+
+TEST(CpuKernels, ResultsAreBitwiseIdenticalAcrossThreadCounts) {
+  const opt::cpu::LayerShape s{8, 2, 32, 301};
+  const Heads q = random_heads(8, 301, 32, DType::kF16, 17), k = random_heads(2, 301, 32, DType::kF16, 18);
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    std::vector<float> w(8 * 301), a(8 * 301);
+    opt::cpu::window_scores(s, q.storage.data<opt::cpu::f16>(), k.storage.data<opt::cpu::f16>(), 32, opt::cpu::Reduce::kSum, w.data());
+    opt::cpu::accumulated_attention(s, q.storage.data<opt::cpu::f16>(), k.storage.data<opt::cpu::f16>(), false, a.data());
+    w.insert(w.end(), a.begin(), a.end());
+    return w;
+  };
+  const int saved = omp_get_max_threads();
+  const std::vector<float> one = run(1), three = run(3);
+  omp_set_num_threads(saved);
+  ASSERT_EQ(one.size(), three.size());
+  EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
+}
+
+}  // namespace
