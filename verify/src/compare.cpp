@@ -8,6 +8,8 @@
 namespace kvscope::verify {
 namespace {
 
+constexpr double kScoreUnderflow = 1e-30;
+
 std::vector<char> kept_mask(const Plan& p) {
   std::vector<char> m(static_cast<std::size_t>(p.n), 0);
   for (std::int64_t t : p.token) m[static_cast<std::size_t>(t)] = 1;
@@ -41,7 +43,9 @@ SelectionDiff compare_selection(const Plan& ref, const Plan& opt, const ref::Vec
       else
         max_evicted = std::max(max_evicted, s);
     }
-  const double slack = delta * scale + std::numeric_limits<double>::min();
+  // Absolute part: fp32 cannot tell scores apart below its underflow range
+  // (a saturated softmax, squares of tiny keys), so those are ties too.
+  const double slack = delta * scale + kScoreUnderflow;
   std::int64_t both = 0, either = 0;
   for (std::int64_t j = 0; j < ref.n; ++j) {
     const bool in_a = a[static_cast<std::size_t>(j)], in_b = b[static_cast<std::size_t>(j)];

@@ -159,6 +159,7 @@ LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod
   Tolerance out_tol = tol;
   out_tol.rel_l2 += 4.0 * unit_roundoff(meta.dtype) * max_logit;
   out_tol.floor += 4.0 * unit_roundoff(DType::kF32) * max_logit;
+  out_tol.cosine_min = std::min(tol.cosine_min, 1.0 - 0.5 * out_tol.rel_l2 * out_tol.rel_l2);  // 1 - cos ~ rel^2 / 2
   v.outputs = compare_numbers(ro, oo, no, out_tol);
   if (!v.outputs.pass) fail("decode outputs: " + v.outputs.why);
   return v;
