@@ -114,7 +114,7 @@ void run_verify_command(VerifyArgs a) {
             if (c == ':' || c == '@' || c == '%' || c == '/' || c == '=' || c == ',') c = '_';
           r.repro = (std::filesystem::path(a.repro_dir) / name).string();
           traces::write_repro(r.repro, trace.meta(), data,
-                              {r.method, r.budget, a.backend, r.failure, layer, meta.layers, 0}, {});
+                              {r.method, r.budget, a.backend, r.failure, layer, meta.layers, 0}, v.evidence);
         }
       }
   }

@@ -3,8 +3,7 @@
 // runs the plan checker and the perturbation bound on every step. A run must
 // finish or stop with kImpossibleBudget (or kBadNumber for non-finite input);
 // a broken law (kInvariant), any other error, or a non-finite metric is a
-// finding. This stands in for the reference-vs-CPU differential target until
-// the CPU backend exists (docs/robustness.md).
+// finding. The reference-vs-CPU comparison is fuzz_differential.cpp.
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <cmath>

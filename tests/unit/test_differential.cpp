@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <limits>
 
+#include "commands.hpp"
 #include "kvscope/opt/backend.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/traces/repro.hpp"
@@ -105,6 +106,14 @@ TEST(VerifyLayer, RealBackendPassesAndASabotagedOneIsCaught) {
   const verify::LayerVerdict v = verify::verify_layer(*reference, bad, traces::synth_meta(c), 0, layer, 20);
   EXPECT_FALSE(v.pass());
   EXPECT_NE(v.failure.find("kv head 0 selection"), std::string::npos) << v.failure;
+  // The evidence a repro file carries: both sides' kept tokens differ.
+  std::vector<double> ref_tokens, opt_tokens;
+  for (const auto& [name, values] : v.evidence) {
+    if (name == "reference_tokens_kv0") ref_tokens = values;
+    if (name == "backend_tokens_kv0") opt_tokens = values;
+  }
+  EXPECT_FALSE(ref_tokens.empty());
+  EXPECT_NE(ref_tokens, opt_tokens);
 }
 
 TEST(Repro, WritesAOneLayerTraceThatReadsBackWithItsCase) {
@@ -124,6 +133,22 @@ TEST(Repro, WritesAOneLayerTraceThatReadsBackWithItsCase) {
   const traces::TraceReader r(path);
   EXPECT_EQ(r.meta().layers, 1);
   EXPECT_EQ(r.read_layer(0).prefill_k.data, layer.prefill_k.data);
+  // `kvscope verify REPRO` replays the case it names (layer 7 of 32 for the
+  // schedule-dependent methods) and passes for a correct backend.
+  {
+    CLI::App app;
+    cli::Runner run;
+    cli::add_commands(app, run);
+    // CLI11 parses a vector back to front: `verify PATH --repro-dir DIR`.
+    std::vector<std::string> args = {(std::filesystem::temp_directory_path() / "kvscope_repro_dir").string(),
+                                     "--repro-dir", path, "verify"};
+    app.parse(args);
+    testing::internal::CaptureStdout();
+    EXPECT_NO_THROW(run());
+    const std::string out = testing::internal::GetCapturedStdout();
+    EXPECT_NE(out.find("snapkv@kvpress"), std::string::npos) << out;
+    EXPECT_NE(out.find("PASS"), std::string::npos) << out;
+  }
   std::filesystem::remove(path);
   // An ordinary trace has no repro group.
   EXPECT_FALSE(traces::read_repro_info(KVSCOPE_SAMPLE_TRACE).has_value());

@@ -162,6 +162,21 @@ LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod
   out_tol.cosine_min = std::min(tol.cosine_min, 1.0 - 0.5 * out_tol.rel_l2 * out_tol.rel_l2);  // 1 - cos ~ rel^2 / 2
   v.outputs = compare_numbers(ro, oo, no, out_tol);
   if (!v.outputs.pass) fail("decode outputs: " + v.outputs.why);
+  if (!v.pass()) {
+    const auto as_double = [](const auto& xs) { return std::vector<double>(xs.begin(), xs.end()); };
+    v.evidence.push_back({"reference_outputs", ro});
+    v.evidence.push_back({"backend_outputs", as_double(oo)});
+    for (std::size_t h = 0; h < rp.plans.size() && h < one.plans.plans.size(); ++h) {
+      v.evidence.push_back({"reference_tokens_kv" + std::to_string(h), as_double(rp.plans[h].token)});
+      v.evidence.push_back({"backend_tokens_kv" + std::to_string(h), as_double(one.plans.plans[h].token)});
+    }
+    if (rk.size() <= (std::size_t{1} << 20)) {
+      v.evidence.push_back({"reference_keys", rk});
+      v.evidence.push_back({"backend_keys", as_double(ok)});
+      v.evidence.push_back({"reference_values", rv});
+      v.evidence.push_back({"backend_values", as_double(ov)});
+    }
+  }
   return v;
 }
 

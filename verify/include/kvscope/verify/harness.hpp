@@ -11,6 +11,7 @@
 #include "kvscope/core/trace_data.hpp"
 #include "kvscope/opt/backend.hpp"
 #include "kvscope/reference/method.hpp"
+#include "kvscope/traces/repro.hpp"
 #include "kvscope/verify/compare.hpp"
 
 namespace kvscope::verify {
@@ -23,6 +24,9 @@ struct LayerVerdict {
   bool deterministic = true;         // bitwise equal plans, caches and outputs at 1 and N threads
   int threads = 1;                   // N
   std::string failure;               // the first failed check, empty on pass
+  /// On failure, what each side produced, for the repro file: decode outputs,
+  /// kept tokens per kv head, and the caches when small (<= 1M values).
+  traces::ReproArrays evidence;
   bool pass() const { return failure.empty(); }
 };
 
