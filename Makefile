@@ -4,6 +4,7 @@
 #   make test   build everything and run the whole test suite
 #   make test-sanitize   the same suite under ASan + UBSan (build-asan/, CUDA off)
 #   make fuzz   libFuzzer targets (clang, build-fuzz/), each for FUZZ_SECONDS
+#   make bench  the CPU benchmark suite (bench/, docs/performance.md)
 BUILD ?= build
 JOBS ?= $(shell nproc)
 # CUDA targets are built whenever nvcc exists (no GPU needed to compile).
@@ -13,7 +14,7 @@ ifneq ($(NVCC),)
 CMAKE_FLAGS += -DCMAKE_CUDA_COMPILER=$(NVCC)
 endif
 
-.PHONY: deps configure build demo test test-sanitize fuzz sample clean
+.PHONY: deps configure build demo test test-sanitize fuzz sample clean bench
 
 deps:
 	@scripts/install-deps
@@ -47,6 +48,15 @@ test-sanitize: deps
 	  "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined"
 	cmake --build $(ASAN_BUILD) -j$(JOBS)
 	cd $(ASAN_BUILD) && $(SANITIZE_ENV) ctest --output-on-failure -j$(JOBS) $(SANITIZE_CTEST_ARGS)
+
+# CPU benchmark suite (bench/, docs/performance.md): Google Benchmark, about
+# 1.5 minutes on 2 cores. Not a test. Results also go to $(BENCH_OUT) (JSON);
+# extra flags via BENCH_ARGS, e.g. BENCH_ARGS=--benchmark_filter=prefill.
+BENCH_OUT ?= $(BUILD)/bench/kvscope_bench_cpu.json
+BENCH_ARGS ?=
+bench: configure
+	cmake --build $(BUILD) -j$(JOBS) --target kvscope_bench_cpu
+	$(BUILD)/bench/kvscope_bench_cpu --benchmark_out=$(BENCH_OUT) --benchmark_out_format=json $(BENCH_ARGS)
 
 # libFuzzer targets need clang (scripts/install-deps fuzz adds clang-14 and
 # libclang-rt-14-dev). Each target runs FUZZ_SECONDS over its seed corpus

@@ -1,0 +1,108 @@
+// Shared state of the CPU benchmark suite (docs/performance.md): the limits
+// measured once per process (copy bandwidth, fp32 FMA peak) that every
+// benchmark reports its ratio to, and the one synthetic layer every benchmark
+// runs on (the shape: 32 q heads, 8 kv heads, d 128, T 8192).
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kvscope/core/trace_data.hpp"
+#include "kvscope/opt/layer_storage.hpp"
+
+namespace kvscope::bench {
+
+/// The layer shape of every benchmark (overridable for quick runs: KVSCOPE_BENCH_T).
+struct Shape {
+  int layers = 32;
+  int layer = 16;  // a middle layer (PyramidKV's budget there is near the mean)
+  int q_heads = 32;
+  int kv_heads = 8;
+  int head_dim = 128;
+  std::int64_t tokens = 8192;
+};
+const Shape& shape();
+
+/// Machine limits measured once, on first use, in this process.
+struct Limits {
+  double memcpy_Bps = 0;    // std::memcpy of a 256 MiB buffer, one thread; bytes = read + write
+  double omp_copy_Bps = 0;  // the same copy split over omp_get_max_threads() threads
+  double omp_read_Bps = 0;  // a threaded read-only pass (sum) over 256 MiB
+  double copy_Bps = 0;      // max(memcpy, omp copy): the bandwidth bw_ratio divides by
+  double peak_flops = 0;    // fp32 FMA peak over all threads (register-resident loop)
+  int threads = 0;
+  double other_load = 0;    // share of the machine other processes used meanwhile (0 = clean)
+};
+const Limits& limits();
+
+/// The benchmark layer: a synthetic trace layer (fp16 values, no decode
+/// steps), built once.
+struct BenchLayer {
+  TraceMeta meta;
+  LayerData data;
+  double synth_seconds = 0;
+  double colsum_seconds = 0;  // method_layer(): the CPU kernel's time for attn_colsum
+};
+const BenchLayer& bench_layer();
+/// bench_layer() plus attn_colsum (so H2O reads recorded sums), computed by
+/// the CPU kernel: the reference's O(T^2) double computation would take
+/// minutes. Built once, only when a method benchmark runs.
+const BenchLayer& method_layer();
+
+/// The benchmark layer packed in `dtype` storage (built once per dtype).
+const opt::LayerStorage& layer_storage(DType dtype);
+
+/// Buffer copies of total size >= 128 MiB (4x the L3 of the benchmark machine),
+/// one used per iteration so that memory-bound kernels read from DRAM.
+int rotations(std::size_t bytes_per_copy);
+
+/// fp32 FMA peak of all OpenMP threads, flop/s (bench_peak.cpp).
+double measure_peak_flops();
+
+/// Runs the benchmark loop over f(), returning the mean wall seconds per
+/// iteration (the same clock Google Benchmark's real time uses).
+template <class F>
+double timed_loop(benchmark::State& state, F&& f);
+
+/// Machine-wide and own CPU time so far (seconds, all cores), from /proc.
+struct CpuTimes {
+  double busy = 0, self = 0;
+};
+CpuTimes cpu_times();
+/// Sets the counter other_load: the share of the machine's cores other
+/// processes used since `since` (over `wall` seconds). Near 0 = uncontended.
+void report_other_load(benchmark::State& state, const CpuTimes& since, double wall);
+
+/// Sets bytes_processed and the common counters: threads and, for
+/// memory-bound benchmarks, bw_ratio = (bytes / mean_s) / limits().copy_Bps;
+/// when flops > 0, GFLOPs and flop_ratio (over the FMA peak of the threads used).
+void report(benchmark::State& state, double mean_s, double bytes_per_iter, double flops_per_iter, bool memory_bound);
+
+/// Wall seconds of f() (steady clock).
+template <class F>
+double seconds(F&& f);
+
+}  // namespace kvscope::bench
+
+#include <algorithm>
+#include <chrono>
+
+template <class F>
+double kvscope::bench::seconds(F&& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+template <class F>
+double kvscope::bench::timed_loop(benchmark::State& state, F&& f) {
+  const CpuTimes c0 = cpu_times();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (auto _ : state) f();
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  report_other_load(state, c0, total);
+  return total / static_cast<double>(std::max<benchmark::IterationCount>(1, state.iterations()));
+}

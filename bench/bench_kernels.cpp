@@ -1,0 +1,399 @@
+// The optimized/cpu kernels on one layer of the benchmark shape, plus the
+// memory-bandwidth rows every bw_ratio divides by. bytes_processed counts the
+// bytes that must move (inputs read once, outputs written once); memory-bound
+// kernels read a rotating set of input copies (>= 128 MiB) so they run from DRAM.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+#include "bench_register.hpp"
+#include "kvscope/opt/cpu/ragged.hpp"
+#include "kvscope/opt/cpu/scores.hpp"
+#include "kvscope/opt/cpu/select.hpp"
+
+namespace kvscope::bench {
+namespace {
+
+using opt::cpu::bf16;
+using opt::cpu::f16;
+using opt::cpu::LayerShape;
+
+template <class S>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<S, f16>) return DType::kF16;
+  if constexpr (std::is_same_v<S, bf16>) return DType::kBF16;
+  return DType::kF32;
+}
+template <class S>
+const char* dtype_name() {
+  return std::is_same_v<S, f16> ? "f16" : std::is_same_v<S, bf16> ? "bf16" : "f32";
+}
+
+/// Sets the OpenMP thread count for one benchmark, restoring it after.
+struct Threads {
+  int saved;
+  explicit Threads(int n) : saved(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~Threads() { omp_set_num_threads(saved); }
+};
+
+/// `copies` back-to-back copies of n elements.
+template <class S>
+std::vector<S> replicate(const S* src, std::int64_t n, int copies) {
+  std::vector<S> out(static_cast<std::size_t>(n) * static_cast<std::size_t>(copies));
+  for (int c = 0; c < copies; ++c) std::copy(src, src + n, out.begin() + static_cast<std::ptrdiff_t>(c) * n);
+  return out;
+}
+
+LayerShape layer_shape() {
+  const Shape& s = shape();
+  return {s.q_heads, s.kv_heads, s.head_dim, s.tokens};
+}
+std::int64_t kv_elems() { return static_cast<std::int64_t>(shape().kv_heads) * shape().tokens * shape().head_dim; }
+
+// ---------------------------------------------------------------- bandwidth
+
+void BM_memcpy(benchmark::State& state) {
+  const std::size_t n = std::size_t{256} << 20;
+  std::vector<unsigned char> a(n, 1), b(n, 2);
+  const double t = timed_loop(state, [&] {
+    std::memcpy(b.data(), a.data(), n);
+    benchmark::ClobberMemory();
+  });
+  report(state, t, 2.0 * static_cast<double>(n), 0, true);
+  state.counters["threads"] = 1;
+}
+
+void BM_omp_copy(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const std::size_t n = std::size_t{256} << 20;
+  std::vector<unsigned char> a(n, 1), b(n, 2);
+  const double t = timed_loop(state, [&] {
+#pragma omp parallel
+    {
+      const auto id = static_cast<std::size_t>(omp_get_thread_num()), nt = static_cast<std::size_t>(omp_get_num_threads());
+      const std::size_t lo = n * id / nt, hi = n * (id + 1) / nt;
+      std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
+    }
+    benchmark::ClobberMemory();
+  });
+  report(state, t, 2.0 * static_cast<double>(n), 0, true);
+}
+
+void BM_omp_read(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const std::size_t n = std::size_t{256} << 20;
+  std::vector<std::uint64_t> a(n / 8, 3);
+  const double t = timed_loop(state, [&] {
+    std::uint64_t acc = 0;
+    const auto words = static_cast<std::int64_t>(a.size());
+#pragma omp parallel for schedule(static) reduction(+ : acc)
+    for (std::int64_t i = 0; i < words; ++i) acc += a[static_cast<std::size_t>(i)];
+    benchmark::DoNotOptimize(acc);
+  });
+  report(state, t, static_cast<double>(n), 0, true);
+}
+
+// ---------------------------------------------------------------- scores
+
+/// window_scores over the window `range(0)` (32: SnapKV/PyramidKV; 1: TOVA).
+template <class S>
+void BM_window_scores(benchmark::State& state) {
+  const std::int64_t w = state.range(0);
+  const Threads th(static_cast<int>(state.range(1)));
+  const LayerShape s = layer_shape();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  const int copies = rotations(kv_elems() * sizeof(S));
+  const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
+  std::vector<float> out(static_cast<std::size_t>(s.q_heads * s.tokens));
+  int c = 0;
+  const double t = timed_loop(state, [&] {
+    opt::cpu::window_scores(s, st.q.data<S>(), k.data() + c * kv_elems(), w, opt::cpu::Reduce::kSum, out.data());
+    benchmark::DoNotOptimize(out.data());
+    c = (c + 1) % copies;
+  });
+  const double bytes = static_cast<double>(kv_elems() * sizeof(S)) +                   // K
+                       static_cast<double>(s.q_heads * w * s.head_dim * sizeof(S)) +  // window queries
+                       static_cast<double>(s.q_heads * s.tokens * 4);                 // scores
+  report(state, t, bytes, 2.0 * s.q_heads * static_cast<double>(w) * static_cast<double>(s.tokens) * s.head_dim, w == 1);
+}
+
+template <class S>
+void BM_key_norm_scores(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const LayerShape s = layer_shape();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  const int copies = rotations(kv_elems() * sizeof(S));
+  const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
+  std::vector<float> out(static_cast<std::size_t>(s.kv_heads * s.tokens));
+  int c = 0;
+  const double t = timed_loop(state, [&] {
+    opt::cpu::key_norm_scores(s, k.data() + c * kv_elems(), out.data());
+    benchmark::DoNotOptimize(out.data());
+    c = (c + 1) % copies;
+  });
+  report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 2.0 * static_cast<double>(kv_elems()), true);
+}
+
+template <class S>
+void BM_adjacent_key_cosine(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const LayerShape s = layer_shape();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  const int copies = rotations(kv_elems() * sizeof(S));
+  const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
+  std::vector<float> out(static_cast<std::size_t>(s.kv_heads * (s.tokens - 1)));
+  int c = 0;
+  const double t = timed_loop(state, [&] {
+    opt::cpu::adjacent_key_cosine(s, k.data() + c * kv_elems(), out.data());
+    benchmark::DoNotOptimize(out.data());
+    c = (c + 1) % copies;
+  });
+  report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 6.0 * static_cast<double>(kv_elems()), true);
+}
+
+/// H2O's recompute without a recorded colsum: O(T^2 d) per q head. Run at
+/// T/4 (1/16 of the work) to keep the suite short; cost scales with T^2.
+template <class S>
+void BM_accumulated_attention(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const LayerShape full = layer_shape();
+  LayerShape s = full;
+  s.tokens = full.tokens / 4;
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  auto prefix = [&](const S* x, int heads) {  // the first s.tokens rows of every head
+    std::vector<S> out;
+    for (int h = 0; h < heads; ++h) {
+      const S* src = x + static_cast<std::int64_t>(h) * full.tokens * full.head_dim;
+      out.insert(out.end(), src, src + s.tokens * s.head_dim);
+    }
+    return out;
+  };
+  const std::vector<S> q = prefix(st.q.data<S>(), s.q_heads), k = prefix(st.k.data<S>(), s.kv_heads);
+  std::vector<float> out(static_cast<std::size_t>(s.q_heads * s.tokens));
+  const double t = timed_loop(state, [&] {
+    opt::cpu::accumulated_attention(s, q.data(), k.data(), false, out.data());
+    benchmark::DoNotOptimize(out.data());
+  });
+  const double T = static_cast<double>(s.tokens);
+  report(state, t, static_cast<double>((q.size() + k.size()) * sizeof(S) + out.size() * 4),
+         2.0 * s.q_heads * T * (T + 1) / 2 * s.head_dim, false);
+  state.counters["tokens"] = T;
+}
+
+// ---------------------------------------------------------------- select / pool
+
+/// Scores of the benchmark layer's snapkv-like shape: a seeded permutation, no ties.
+std::vector<float> random_scores(std::int64_t n, std::uint64_t seed) {
+  std::vector<float> s(static_cast<std::size_t>(n));
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (float& x : s) x = u(rng);
+  return s;
+}
+
+/// top_k of T/2 per kv head over all T candidates (one thread: the kernel is serial).
+void BM_top_k(benchmark::State& state) {
+  const Shape& sh = shape();
+  const std::vector<float> scores = random_scores(sh.kv_heads * sh.tokens, 7);
+  std::vector<std::int64_t> candidates(static_cast<std::size_t>(sh.tokens));
+  std::iota(candidates.begin(), candidates.end(), 0);
+  std::vector<std::int64_t> kept;
+  const double t = timed_loop(state, [&] {
+    for (int h = 0; h < sh.kv_heads; ++h) {
+      opt::cpu::top_k(scores.data() + static_cast<std::int64_t>(h) * sh.tokens, candidates, sh.tokens / 2, kept);
+      benchmark::DoNotOptimize(kept.data());
+    }
+  });
+  report(state, t, static_cast<double>(sh.kv_heads) * static_cast<double>(sh.tokens * (4 + 8) + sh.tokens / 2 * 8), 0, false);
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * sh.kv_heads * sh.tokens);
+  state.counters["threads"] = 1;
+}
+
+/// pool1d over every q head's past scores (SnapKV: kernel 5 avg; AdaKV preset: 7 max).
+void BM_pool1d(benchmark::State& state) {
+  const Shape& sh = shape();
+  const auto kernel = state.range(0);
+  const auto pool = state.range(1) == 0 ? opt::cpu::Pool::kAvg : opt::cpu::Pool::kMax;
+  const std::int64_t n = sh.tokens - 32;
+  const std::vector<float> x = random_scores(sh.q_heads * n, 3);
+  std::vector<float> y(x.size());
+  const double t = timed_loop(state, [&] {
+    for (int h = 0; h < sh.q_heads; ++h) {
+      opt::cpu::pool1d(x.data() + h * n, n, kernel, pool, y.data() + h * n);
+      benchmark::DoNotOptimize(y.data());
+    }
+  });
+  report(state, t, 2.0 * static_cast<double>(x.size() * 4), 0, false);
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(x.size()));
+  state.counters["threads"] = 1;
+}
+
+/// group_reduce of [q_heads, T] scores to [kv_heads, T] (mean).
+void BM_group_reduce(benchmark::State& state) {
+  const Shape& sh = shape();
+  const std::vector<float> x = random_scores(sh.q_heads * sh.tokens, 5);
+  std::vector<float> y(static_cast<std::size_t>(sh.kv_heads * sh.tokens));
+  const double t = timed_loop(state, [&] {
+    opt::cpu::group_reduce(x.data(), sh.q_heads, sh.kv_heads, sh.tokens, opt::cpu::Reduce::kMean, y.data());
+    benchmark::DoNotOptimize(y.data());
+  });
+  report(state, t, static_cast<double>((x.size() + y.size()) * 4), 0, false);
+  state.counters["threads"] = 1;
+}
+
+// ---------------------------------------------------------------- ragged cache
+
+/// A 50% eviction plan of every kv head in CSR form: a seeded random half of
+/// the tokens (sorted), one-hot rows, no re-rotation.
+struct EvictionPlan {
+  std::vector<std::int64_t> offsets{0}, row_ptr{0}, token;
+  std::vector<float> coef_k, coef_v;
+  opt::cpu::RaggedPlan view() const {
+    return {static_cast<int>(offsets.size()) - 1, offsets.data(), row_ptr.data(), token.data(), coef_k.data(),
+            coef_v.data(), nullptr, 10000.0};
+  }
+  std::int64_t slots() const { return offsets.back(); }
+};
+
+EvictionPlan half_plan() {
+  const Shape& sh = shape();
+  EvictionPlan p;
+  std::mt19937_64 rng(11);
+  std::vector<std::int64_t> all(static_cast<std::size_t>(sh.tokens));
+  for (int h = 0; h < sh.kv_heads; ++h) {
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    std::vector<std::int64_t> kept(all.begin(), all.begin() + sh.tokens / 2);
+    std::sort(kept.begin(), kept.end());
+    for (std::int64_t j : kept) {
+      p.token.push_back(j);
+      p.coef_k.push_back(1.0f);
+      p.coef_v.push_back(1.0f);
+      p.row_ptr.push_back(static_cast<std::int64_t>(p.token.size()));
+    }
+    p.offsets.push_back(static_cast<std::int64_t>(p.token.size()));
+  }
+  return p;
+}
+
+template <class S>
+void BM_apply_ragged_plan(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const Shape& sh = shape();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  const EvictionPlan plan = half_plan();
+  const opt::cpu::RaggedPlan rp = plan.view();
+  const std::int64_t in_n = kv_elems(), out_n = plan.slots() * sh.head_dim;
+  const int copies = rotations(2 * (in_n + out_n) * sizeof(S));
+  const std::vector<S> k = replicate(st.k.data<S>(), in_n, copies), v = replicate(st.v.data<S>(), in_n, copies);
+  std::vector<S> ko(static_cast<std::size_t>(out_n * copies)), vo(ko.size());
+  int c = 0;
+  const double t = timed_loop(state, [&] {
+    opt::cpu::apply_ragged_plan(rp, k.data() + c * in_n, v.data() + c * in_n, sh.tokens, sh.head_dim,
+                                ko.data() + c * out_n, vo.data() + c * out_n);
+    benchmark::DoNotOptimize(ko.data());
+    c = (c + 1) % copies;
+  });
+  const double rows = static_cast<double>(plan.slots() * sh.head_dim * sizeof(S));
+  const double meta = static_cast<double>((plan.offsets.size() + plan.row_ptr.size() + plan.token.size()) * 8 +
+                                          (plan.coef_k.size() + plan.coef_v.size()) * 4);
+  report(state, t, 2.0 * rows /* kept K, V rows read */ + 2.0 * rows /* K', V' written */ + meta, 0, true);
+  state.counters["slots"] = static_cast<double>(plan.slots());
+}
+
+/// One decode query per q head over a ragged cache of T/2 slots per kv head.
+template <class S>
+void BM_decode_attention(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const Shape& sh = shape();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  const EvictionPlan plan = half_plan();
+  const std::int64_t n = plan.slots() * sh.head_dim;
+  std::vector<S> k1(static_cast<std::size_t>(n)), v1(k1.size());
+  opt::cpu::apply_ragged_plan(plan.view(), st.k.data<S>(), st.v.data<S>(), sh.tokens, sh.head_dim, k1.data(), v1.data());
+  const int copies = rotations(2 * n * sizeof(S));
+  const std::vector<S> k = replicate(k1.data(), n, copies), v = replicate(v1.data(), n, copies);
+  std::vector<float> q(static_cast<std::size_t>(sh.q_heads * sh.head_dim)), out(q.size());
+  for (int h = 0; h < sh.q_heads; ++h)  // the layer's last prompt queries stand in for a decode query
+    for (int i = 0; i < sh.head_dim; ++i)
+      q[static_cast<std::size_t>(h * sh.head_dim + i)] = st.q.get((static_cast<std::int64_t>(h) * sh.tokens + sh.tokens - 1) * sh.head_dim + i);
+  int c = 0;
+  const double t = timed_loop(state, [&] {
+    opt::cpu::decode_attention(q.data(), sh.q_heads, sh.kv_heads, sh.head_dim, plan.offsets.data(), k.data() + c * n,
+                               v.data() + c * n, nullptr, out.data());
+    benchmark::DoNotOptimize(out.data());
+    c = (c + 1) % copies;
+  });
+  report(state, t, static_cast<double>(2 * n * sizeof(S) + (q.size() + out.size()) * 4 + plan.offsets.size() * 8),
+         4.0 * sh.q_heads * static_cast<double>(plan.slots() / sh.kv_heads) * sh.head_dim, true);
+  state.counters["slots_per_head"] = static_cast<double>(plan.slots() / sh.kv_heads);
+}
+
+template <class S>
+void register_typed(const std::vector<int>& threads, bool sweep_threads) {
+  const std::string d = dtype_name<S>();
+  const std::vector<int> ts = sweep_threads ? threads : std::vector<int>{threads.back()};
+  auto add = [&](const std::string& name, void (*fn)(benchmark::State&)) {
+    auto* b = benchmark::RegisterBenchmark(("kernel/" + name + "/" + d).c_str(), fn);
+    b->ArgName("threads")->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (int t : ts) b->Arg(t);
+    return b;
+  };
+  add("key_norm_scores", BM_key_norm_scores<S>);
+  add("adjacent_key_cosine", BM_adjacent_key_cosine<S>);
+  add("apply_ragged_plan_50pct", BM_apply_ragged_plan<S>);
+  add("decode_attention_ragged", BM_decode_attention<S>);
+  {
+    auto* b = benchmark::RegisterBenchmark(("kernel/window_scores/" + d).c_str(), BM_window_scores<S>);
+    b->ArgNames({"window", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (int t : ts) b->Args({1, t});
+    if (sweep_threads)
+      for (int t : ts) b->Args({32, t});
+  }
+  if (sweep_threads)
+    benchmark::RegisterBenchmark(("kernel/accumulated_attention_quarterT/" + d).c_str(), BM_accumulated_attention<S>)
+        ->ArgName("threads")
+        ->Arg(threads.back())
+        ->Iterations(2)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+
+void register_kernel_benchmarks() {
+  const int max_threads = omp_get_max_threads();
+  std::vector<int> threads{1};
+  if (max_threads > 1) threads.push_back(max_threads);
+
+  benchmark::RegisterBenchmark("bandwidth/memcpy_256MiB", BM_memcpy)->UseRealTime()->Unit(benchmark::kMillisecond);
+  auto* copy = benchmark::RegisterBenchmark("bandwidth/omp_copy_256MiB", BM_omp_copy)->ArgName("threads");
+  auto* read = benchmark::RegisterBenchmark("bandwidth/omp_read_256MiB", BM_omp_read)->ArgName("threads");
+  for (int t : threads) {
+    copy->Arg(t);
+    read->Arg(t);
+  }
+  copy->UseRealTime()->Unit(benchmark::kMillisecond);
+  read->UseRealTime()->Unit(benchmark::kMillisecond);
+
+  register_typed<f16>(threads, true);
+  register_typed<float>(threads, false);
+  register_typed<bf16>(threads, false);
+
+  benchmark::RegisterBenchmark("kernel/top_k_half/f32", BM_top_k)->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("kernel/pool1d/f32", BM_pool1d)
+      ->ArgNames({"kernel", "max"})
+      ->Args({5, 0})
+      ->Args({7, 1})
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("kernel/group_reduce_mean/f32", BM_group_reduce)->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace kvscope::bench

@@ -1,0 +1,146 @@
+// Prefill compression of one layer by every method the CPU backend has, on the
+// backend (fp16 storage, fp32 kernels, OpenMP) and on the double-precision
+// reference, at a budget of T/2 per kv head. Layers are independent, so a
+// whole 32-layer trace costs 32x the per-layer time (counter x32_ms).
+#include <omp.h>
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "bench_common.hpp"
+#include "bench_register.hpp"
+#include "kvscope/core/method_spec.hpp"
+#include "kvscope/opt/backend.hpp"
+#include "kvscope/reference/registry.hpp"
+#include "kvscope/replay/layer_input.hpp"
+
+namespace kvscope::bench {
+namespace {
+
+std::int64_t budget() { return shape().tokens / 2; }
+
+/// The reference's double view of the benchmark layer (with attn_colsum), built once.
+const ref::LayerInput& reference_input() {
+  static const ref::LayerInput in = [] {
+    const BenchLayer& b = method_layer();
+    return replay::make_layer_input(b.meta, shape().layer, b.data);
+  }();
+  return in;
+}
+
+/// The backend's view: fp16 storage (with attn_colsum), built once.
+const opt::LayerStorage& backend_input() {
+  static const opt::LayerStorage in = [] {
+    const BenchLayer& b = method_layer();
+    return opt::pack_layer(b.meta, shape().layer, b.data);
+  }();
+  return in;
+}
+
+/// Mean seconds per call measured in this process (by the benchmark that ran
+/// it, or once on demand when that benchmark was filtered out).
+std::map<std::string, double>& measured() {
+  static std::map<std::string, double> m;
+  return m;
+}
+
+template <class F>
+double measured_or_once(const std::string& key, F&& f) {
+  auto it = measured().find(key);
+  if (it != measured().end()) return it->second;
+  return measured()[key] = seconds(f);
+}
+
+double conversion_seconds() {
+  return measured_or_once("conversion", [] {
+    const BenchLayer& b = method_layer();
+    benchmark::DoNotOptimize(replay::make_layer_input(b.meta, shape().layer, b.data));
+  });
+}
+
+void BM_make_layer_input(benchmark::State& state) {
+  const BenchLayer& b = method_layer();
+  measured()["conversion"] =
+      timed_loop(state, [&] { benchmark::DoNotOptimize(replay::make_layer_input(b.meta, shape().layer, b.data)); });
+  const Shape& s = shape();
+  state.SetBytesProcessed(state.iterations() * (s.q_heads + 2 * s.kv_heads) * s.tokens * s.head_dim * 12);
+  state.counters["threads"] = 1;
+}
+
+void BM_pack_layer(benchmark::State& state) {
+  const BenchLayer& b = method_layer();
+  timed_loop(state, [&] { benchmark::DoNotOptimize(opt::pack_layer(b.meta, shape().layer, b.data)); });
+  const Shape& s = shape();
+  state.SetBytesProcessed(state.iterations() * (s.q_heads + 2 * s.kv_heads) * s.tokens * s.head_dim * 6);
+  state.counters["threads"] = 1;
+}
+
+double kept_fraction(const ref::LayerPlans& p) {
+  double slots = 0;
+  for (const Plan& plan : p.plans) slots += static_cast<double>(plan.slots());
+  return slots / (static_cast<double>(p.plans.size()) * static_cast<double>(shape().tokens));
+}
+
+void BM_reference_prefill(benchmark::State& state, const std::string& family) {
+  const std::unique_ptr<ref::Method> m = ref::make_method(MethodSpec::parse(family));
+  const ref::LayerInput& in = reference_input();
+  ref::LayerPlans plans;
+  const double s = timed_loop(state, [&] { plans = m->prefill(in, budget()); });
+  measured()["ref:" + family] = s;
+  const double conv = conversion_seconds();
+  state.counters["threads"] = 1;
+  state.counters["kept"] = kept_fraction(plans);
+  state.counters["incl_conv_ms"] = (s + conv) * 1e3;
+  state.counters["x32_ms"] = 32 * s * 1e3;
+}
+
+void BM_cpu_prefill(benchmark::State& state, const std::string& family) {
+  const MethodSpec spec = MethodSpec::parse(family);
+  const std::unique_ptr<opt::BackendMethod> m = opt::make_cpu_method(spec);
+  const opt::LayerStorage& in = backend_input();
+  ref::LayerPlans plans;
+  const double s = timed_loop(state, [&] { plans = m->prefill(in, budget()); });
+  const double ref_s = measured_or_once("ref:" + family, [&] {
+    benchmark::DoNotOptimize(ref::make_method(spec)->prefill(reference_input(), budget()));
+  });
+  const double conv = conversion_seconds();
+  // Agreement with the reference (informative; the differential tests are the check).
+  static std::map<std::string, ref::LayerPlans> reference_plans;
+  if (!reference_plans.count(family))
+    reference_plans[family] = ref::make_method(spec)->prefill(reference_input(), budget());
+  const ref::LayerPlans& want = reference_plans[family];
+  double same = 0;
+  for (std::size_t h = 0; h < plans.plans.size() && h < want.plans.size(); ++h)
+    same += plans.plans[h].token == want.plans[h].token ? 1 : 0;
+  state.counters["threads"] = omp_get_max_threads();
+  state.counters["kept"] = kept_fraction(plans);
+  state.counters["same_plans"] = same / static_cast<double>(want.plans.size());
+  state.counters["ref_ms"] = ref_s * 1e3;
+  state.counters["speedup"] = ref_s / s;
+  state.counters["speedup_incl_conv"] = (ref_s + conv) / s;
+  state.counters["x32_ms"] = 32 * s * 1e3;
+  if (family == "h2o")  // what the prefill would cost on a trace without attn_colsum
+    state.counters["colsum_recompute_ms"] = method_layer().colsum_seconds * 1e3;
+}
+
+}  // namespace
+
+void register_method_benchmarks() {
+  benchmark::RegisterBenchmark("convert/make_layer_input_double", BM_make_layer_input)
+      ->MinTime(1.0)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("convert/pack_layer_f16", BM_pack_layer)->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (const std::string& f : opt::cpu_families()) {
+    benchmark::RegisterBenchmark(("prefill/reference/" + f).c_str(), BM_reference_prefill, f)
+        ->MinTime(0.5)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("prefill/cpu/" + f).c_str(), BM_cpu_prefill, f)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+}  // namespace kvscope::bench
