@@ -10,10 +10,13 @@
 #include <random>
 
 #include "kvscope/core/tolerance.hpp"
+#include "kvscope/opt/cpu/evict_merge.hpp"
+#include "kvscope/opt/cpu/merging.hpp"
 #include "kvscope/opt/cpu/ragged.hpp"
 #include "kvscope/opt/cpu/scores.hpp"
 #include "kvscope/opt/cpu/select.hpp"
 #include "kvscope/opt/layer_storage.hpp"
+#include "kvscope/reference/methods/ems.hpp"
 #include "kvscope/reference/methods/kvmerger.hpp"
 #include "kvscope/reference/plan_apply.hpp"
 #include "kvscope/reference/scores.hpp"
@@ -296,6 +299,209 @@ TEST(CpuKernels, ResultsAreBitwiseIdenticalAcrossThreadCounts) {
   omp_set_num_threads(saved);
   ASSERT_EQ(one.size(), three.size());
   EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
+}
+
+TEST(CpuKernels, AdjacentCosinesOfKeysNearUnderflowKeepTheirDirection) {
+  // Squared norms of 1e-38-sized keys underflow in fp32; the kernel scales each key first.
+  for (DType t : {DType::kF32, DType::kBF16}) {
+    const opt::cpu::LayerShape s{1, 1, 8, 12};
+    Heads k = random_heads(1, 12, 8, t, 21);
+    for (std::int64_t r = 0; r < 12; ++r)
+      for (int c = 0; c < 8; ++c) {
+        const float x = round_to_dtype(k.tensor.row(0, r)[static_cast<std::size_t>(c)] * 1e-38f, t);
+        k.storage.set(r * 8 + c, x);
+        k.mats[0](r, c) = x;
+      }
+    std::vector<float> cos(11);
+    with_storage(k.storage, [&](const auto* kp) { opt::cpu::adjacent_key_cosine(s, kp, cos.data()); });
+    VecX want(11);
+    for (int j = 0; j < 11; ++j) want[j] = ref::key_cosine(k.mats[0].row(j).transpose(), k.mats[0].row(j + 1).transpose());
+    // Subnormal inputs carry fewer digits; the direction is still there (0/1 without scaling).
+    EXPECT_LT(max_rel_diff(cos.data(), want), 1e-3) << dtype_name(t);
+  }
+}
+
+TEST(CpuKernels, MergeRunsPickTheFirstBestPivot) {
+  const std::vector<char> merge = {1, 1, 0, 0, 1, 0, 1, 1};  // runs {0,1,2} {3} {4,5} {6,7,8}
+  const std::vector<float> score = {0.5f, 2.0f, 2.0f, 9.0f, 1.0f, 0.0f, 3.0f, 3.0f, 4.0f};
+  std::vector<std::int64_t> begin, pivot;
+  opt::cpu::merge_runs(9, merge.data(), score.data(), begin, pivot);
+  EXPECT_EQ(begin, (std::vector<std::int64_t>{0, 3, 4, 6, 9}));
+  EXPECT_EQ(pivot, (std::vector<std::int64_t>{1, 3, 4, 8}));
+}
+
+TEST(CpuKernels, GaussianMergeWeightsMatchKVMergerWeightsInEveryMode) {
+  using Sigma = ref::KVMergerConfig::Sigma;
+  const std::vector<std::int64_t> begin = {0, 5, 6, 9, 19, 23, 30};
+  const std::vector<std::int64_t> pivot = {2, 5, 8, 9, 22, 26};
+  for (DType t : kDtypes)
+    for (Sigma mode : {Sigma::kMeanDistance, Sigma::kFixed, Sigma::kLiteral}) {
+      Heads k = random_heads(1, 30, 16, t, 31);
+      // A run of equal keys (every distance 0: uniform weights) and, where the
+      // dtype holds them, a run of keys near fp32's underflow.
+      for (std::int64_t r = 19; r < 23; ++r)
+        for (int c = 0; c < 16; ++c) k.storage.set(r * 16 + c, k.storage.get(19 * 16 + c)), k.mats[0](r, c) = k.mats[0](19, c);
+      if (t != DType::kF16)
+        for (std::int64_t r = 23; r < 30; ++r)
+          for (int c = 0; c < 16; ++c) {
+            const float x = round_to_dtype(static_cast<float>(k.mats[0](r, c)) * 1e-37f, t);
+            k.storage.set(r * 16 + c, x);
+            k.mats[0](r, c) = x;
+          }
+      ref::KVMergerConfig c;
+      c.sigma_mode = mode;
+      c.sigma = 3.0;
+      const auto cm = mode == Sigma::kFixed     ? opt::cpu::SigmaMode::kFixed
+                      : mode == Sigma::kLiteral ? opt::cpu::SigmaMode::kLiteral
+                                                : opt::cpu::SigmaMode::kMeanDistance;
+      std::vector<float> w(30, std::nanf(""));
+      with_storage(k.storage, [&](const auto* kp) {
+        opt::cpu::gaussian_merge_weights(kp, 30, 16, begin.data(), pivot.data(), 6, cm, 3.0f, w.data());
+      });
+      for (std::size_t r = 0; r + 1 < begin.size(); ++r) {
+        std::vector<std::int64_t> set;
+        for (std::int64_t j = begin[r]; j < begin[r + 1]; ++j) set.push_back(j);
+        const std::vector<double> want = ref::kvmerger_weights(k.mats[0], set, static_cast<std::size_t>(pivot[r] - begin[r]), c);
+        for (std::size_t i = 0; i < set.size(); ++i)
+          EXPECT_NEAR(w[static_cast<std::size_t>(set[i])], want[i], 1e-5)
+              << dtype_name(t) << " mode " << static_cast<int>(mode) << " run " << r << " token " << set[i];
+      }
+    }
+}
+
+TEST(CpuKernels, GroupSlotAttentionIsTheGroupsSoftmaxOverTheSlots) {
+  const std::int64_t T = 40;
+  const int d = 32, hq = 6, hkv = 2;
+  const std::vector<std::int64_t> keys = {0, 3, 4, 17, 20, 21, 33};
+  const auto m = static_cast<std::int64_t>(keys.size());
+  for (DType t : kDtypes)
+    for (ref::Reduce r : {ref::Reduce::kMean, ref::Reduce::kSum, ref::Reduce::kMax}) {
+      const Heads q = random_heads(hq, T, d, t, 41), k = random_heads(hkv, T, d, t, 42);
+      const opt::cpu::LayerShape s{hq, hkv, d, T};
+      const auto cr = r == ref::Reduce::kSum ? opt::cpu::Reduce::kSum : r == ref::Reduce::kMean ? opt::cpu::Reduce::kMean : opt::cpu::Reduce::kMax;
+      for (int g = 0; g < hkv; ++g) {
+        std::vector<float> scratch(static_cast<std::size_t>(m)), out(static_cast<std::size_t>(m), std::nanf(""));
+        opt::cpu::dispatch_storage(t, [&](auto tag) {
+          using S = decltype(tag);
+          opt::cpu::group_slot_attention(s, q.storage.data<S>(), k.storage.data<S>(), g, 36, keys.data(), m, cr,
+                                         scratch.data(), out.data());
+        });
+        std::vector<VecX> per_q;
+        for (int h = 0; h < hq; ++h) {
+          const MatX& K = k.mats[static_cast<std::size_t>(h / 3)];
+          VecX logits(m);
+          for (std::int64_t j = 0; j < m; ++j)
+            logits[j] = q.mats[static_cast<std::size_t>(h)].row(36).dot(K.row(keys[static_cast<std::size_t>(j)])) / std::sqrt(double(d));
+          per_q.push_back(ref::softmax(logits));
+        }
+        EXPECT_LT(max_rel_diff(out.data(), ref::group_reduce(per_q, g, hq, hkv, r)), 1e-5) << dtype_name(t) << " kv " << g;
+      }
+    }
+}
+
+TEST(CpuKernels, CentreAssignmentMatchesEmsAssignWithZeroClassAndTinyRows) {
+  const std::int64_t T = 48;
+  const int d = 16;
+  const std::vector<std::int64_t> centres = {2, 5, 11, 17, 30, 41}, rest = {40, 0, 7, 33, 12, 1, 25, 44, 9, 20, 3, 38};
+  const std::vector<char> can_take = {1, 0, 1, 1, 1, 1};
+  for (DType t : kDtypes)
+    for (bool keys_only : {false, true}) {
+      Heads k = random_heads(1, T, d, t, 51), v = random_heads(1, T, d, t, 52);
+      for (int c = 0; c < d; ++c) {  // a zero key, a centre's copy, and (where the dtype holds it) a tiny key
+        k.storage.set(7 * d + c, 0.0f), k.mats[0](7, c) = 0.0;
+        k.storage.set(33 * d + c, k.storage.get(17 * d + c)), k.mats[0](33, c) = k.mats[0](17, c);
+        v.storage.set(33 * d + c, v.storage.get(17 * d + c)), v.mats[0](33, c) = v.mats[0](17, c);
+        if (t != DType::kF16) {
+          const float x = round_to_dtype(static_cast<float>(k.mats[0](12, c)) * 1e-37f, t);
+          k.storage.set(12 * d + c, x), k.mats[0](12, c) = x;
+        }
+      }
+      ref::EmsConfig c;
+      c.similarity = keys_only ? ref::EmsSimilarity::kKeys : ref::EmsSimilarity::kKeyValue;
+      c.tau = 0.05;
+      const ref::EmsAssignment want = ref::ems_assign(k.mats[0], v.mats[0], rest, centres, can_take, c);
+      const auto R = rest.size();
+      std::vector<float> best(R, std::nanf("")), second(R, std::nanf("")), any(R, std::nanf(""));
+      std::vector<std::int64_t> centre(R, -7);
+      opt::cpu::dispatch_storage(t, [&](auto tag) {
+        using S = decltype(tag);
+        opt::cpu::centre_assignment(k.storage.data<S>(), v.storage.data<S>(), d, rest.data(), static_cast<std::int64_t>(R),
+                                    centres.data(), static_cast<std::int64_t>(centres.size()), can_take.data(), keys_only,
+                                    0.05f, best.data(), second.data(), centre.data(), any.data());
+      });
+      int zero_class = 0;
+      for (std::size_t i = 0; i < R; ++i) {
+        const std::string where = std::string(dtype_name(t)) + (keys_only ? " keys" : " kv") + " rest " + std::to_string(rest[i]);
+        EXPECT_NEAR(best[i], want.best[i], 1e-5) << where;
+        EXPECT_NEAR(second[i], want.second[i], 1e-5) << where;
+        EXPECT_NEAR(any[i], want.any[i], 1e-5) << where;
+        zero_class += want.centre[i] < 0;
+        // The assignment itself wherever the reference decided outside the margin.
+        if (want.best[i] - want.second[i] > 1e-4 && std::abs(want.best[i] - c.tau) > 1e-4) {
+          EXPECT_EQ(centre[i], want.centre[i]) << where;
+        }
+      }
+      EXPECT_EQ(centre[3], 17) << "a copy of a centre joins it";
+      EXPECT_EQ(centre[2], -1) << "a zero key goes to the zero class";
+      EXPECT_GT(zero_class, 0);
+      EXPECT_LT(zero_class, static_cast<int>(R));
+    }
+}
+
+TEST(CpuKernels, CamMergeProbabilitiesFollowTheStreamedPrompt) {
+  const std::int64_t T = 45, B = 13, sinks = 3, width = 4;
+  const int d = 16, hq = 6, hkv = 2, G = 3;
+  for (DType t : kDtypes)
+    for (auto att : {opt::cpu::CamAttention::kCumulative, opt::cpu::CamAttention::kStep, opt::cpu::CamAttention::kDecode})
+      for (bool denom_max : {false, true}) {
+        const Heads q = random_heads(hq, T, d, t, 61), k = random_heads(hkv, T, d, t, 62);
+        std::vector<float> p(static_cast<std::size_t>(hkv * T), std::nanf(""));
+        opt::cpu::dispatch_storage(t, [&](auto tag) {
+          using S = decltype(tag);
+          opt::cpu::cam_merge_probabilities({hq, hkv, d, T}, q.storage.data<S>(), k.storage.data<S>(), sinks, B, width,
+                                            denom_max, att, p.data());
+        });
+        int strictly_inside = 0;
+        for (int g = 0; g < hkv; ++g) {
+          // The stream in double: cache = sinks + the latest B - sinks tokens.
+          std::vector<double> abar(static_cast<std::size_t>(T), 0.0), want(static_cast<std::size_t>(T), 0.0);
+          for (std::int64_t s = 0; s < T; ++s) {
+            std::vector<std::int64_t> cache;
+            for (std::int64_t j = 0; j <= s; ++j)
+              if (s + 1 <= B || j < sinks || j > s - (B - sinks)) cache.push_back(j);
+            if (s >= B) {
+              const std::int64_t e = s - (B - sinks);
+              double denom = 0;
+              for (std::int64_t j = e + 1; j <= e + std::min(width, B - sinks); ++j) denom += abar[static_cast<std::size_t>(j)];
+              denom /= static_cast<double>(std::min(width, B - sinks));
+              if (denom_max) {
+                denom = abar[static_cast<std::size_t>(e)];
+                for (std::int64_t j : cache) denom = std::max(denom, abar[static_cast<std::size_t>(j)]);
+              }
+              const double r = abar[static_cast<std::size_t>(e)] / denom;
+              want[static_cast<std::size_t>(e)] = std::isnan(r) ? 0.0 : std::clamp(r, 0.0, 1.0);
+            }
+            if (att == opt::cpu::CamAttention::kDecode) continue;
+            if (att == opt::cpu::CamAttention::kStep) std::fill(abar.begin(), abar.end(), 0.0);
+            for (int h = g * G; h < (g + 1) * G; ++h) {
+              VecX logits(static_cast<Eigen::Index>(cache.size()));
+              for (std::size_t j = 0; j < cache.size(); ++j)
+                logits[static_cast<Eigen::Index>(j)] =
+                    q.mats[static_cast<std::size_t>(h)].row(s).dot(k.mats[static_cast<std::size_t>(g)].row(cache[j])) / std::sqrt(double(d));
+              const VecX pr = ref::softmax(logits);
+              for (std::size_t j = 0; j < cache.size(); ++j) abar[static_cast<std::size_t>(cache[j])] += pr[static_cast<Eigen::Index>(j)] / G;
+            }
+          }
+          for (std::int64_t j = 0; j < T; ++j) {
+            EXPECT_NEAR(p[static_cast<std::size_t>(g * T + j)], want[static_cast<std::size_t>(j)], 2e-5)
+                << dtype_name(t) << " attention " << static_cast<int>(att) << " max " << denom_max << " kv " << g << " token " << j;
+            strictly_inside += want[static_cast<std::size_t>(j)] > 0.01 && want[static_cast<std::size_t>(j)] < 0.99;
+          }
+        }
+        if (att != opt::cpu::CamAttention::kDecode) {
+          EXPECT_GT(strictly_inside, 0) << "the gate is exercised";
+        }
+      }
 }
 
 }  // namespace

@@ -16,10 +16,78 @@ std::vector<char> kept_mask(const Plan& p) {
   return m;
 }
 
+/// A slot in canonical form: entries sorted by token.
+struct CanonicalSlot {
+  std::vector<std::int64_t> tokens;
+  std::vector<double> ck, cv;
+  std::int64_t position = 0, count = 0;
+  bool operator<(const CanonicalSlot& o) const {
+    return tokens != o.tokens ? tokens < o.tokens : position != o.position ? position < o.position : count < o.count;
+  }
+  bool same_place(const CanonicalSlot& o) const { return tokens == o.tokens && position == o.position && count == o.count; }
+};
+
+std::vector<CanonicalSlot> canonical_slots(const Plan& p) {
+  std::vector<CanonicalSlot> out(static_cast<std::size_t>(p.slots()));
+  for (std::int64_t i = 0; i < p.slots(); ++i) {
+    std::vector<std::int64_t> order;
+    for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) order.push_back(e);
+    std::sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
+      return p.token[static_cast<std::size_t>(a)] < p.token[static_cast<std::size_t>(b)];
+    });
+    CanonicalSlot& c = out[static_cast<std::size_t>(i)];
+    for (std::int64_t e : order) {
+      c.tokens.push_back(p.token[static_cast<std::size_t>(e)]);
+      c.ck.push_back(p.coef_k[static_cast<std::size_t>(e)]);
+      c.cv.push_back(p.coef_v[static_cast<std::size_t>(e)]);
+    }
+    c.position = p.position[static_cast<std::size_t>(i)];
+    c.count = p.count[static_cast<std::size_t>(i)];
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+bool close_coefficients(const std::vector<double>& a, const std::vector<double>& b) {
+  double total = 0;
+  for (double x : a) total += std::abs(x);
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (!(std::abs(a[i] - b[i]) <= kCoefficientTolerance * total)) return false;
+  return true;
+}
+
+/// Tokens whose slot (canonical form, coefficients within tolerance) differs
+/// between the plans; 0 when the plans agree slot for slot. `reweighted`
+/// receives those of them in slots both plans have, with other coefficients.
+std::int64_t tokens_in_differing_slots(const Plan& ref, const Plan& opt, std::int64_t& reweighted) {
+  reweighted = 0;
+  const std::vector<CanonicalSlot> a = canonical_slots(ref), b = canonical_slots(opt);
+  std::vector<char> differs(static_cast<std::size_t>(ref.n), 0);
+  std::size_t i = 0, j = 0;
+  const auto mark = [&](const CanonicalSlot& s) {
+    for (std::int64_t t : s.tokens) differs[static_cast<std::size_t>(t)] = 1;
+  };
+  while (i < a.size() || j < b.size()) {
+    if (j == b.size() || (i < a.size() && a[i] < b[j])) {
+      mark(a[i++]);
+    } else if (i == a.size() || b[j] < a[i]) {
+      mark(b[j++]);
+    } else {  // same place
+      if (!close_coefficients(a[i].ck, b[j].ck) || !close_coefficients(a[i].cv, b[j].cv)) {
+        mark(a[i]);
+        reweighted += static_cast<std::int64_t>(a[i].tokens.size());
+      }
+      ++i, ++j;
+    }
+  }
+  return std::count(differs.begin(), differs.end(), 1);
+}
+
 }  // namespace
 
 SelectionDiff compare_selection(const Plan& ref, const Plan& opt, const ref::VecX* ref_scores,
-                                std::span<const char> is_protected, double delta) {
+                                std::span<const char> is_protected, double delta, double decision_margin,
+                                bool reweights_follow_decisions) {
   SelectionDiff d;
   d.plans_equal = ref.n == opt.n && ref.row_ptr == opt.row_ptr && ref.token == opt.token &&
                   ref.coef_k == opt.coef_k && ref.coef_v == opt.coef_v && ref.position == opt.position &&
@@ -61,6 +129,9 @@ SelectionDiff compare_selection(const Plan& ref, const Plan& opt, const ref::Vec
       // dropped by the backend only: within the margin of the highest evicted.
       tie = in_b ? s >= min_kept - slack : s <= max_evicted + slack;
     }
+    // Evict-then-merge methods (EMS, CaM): a token kept by one side only
+    // follows from a chained decision; inside the margin it is a tie too.
+    if (decision_margin <= delta) tie = true;
     if (tie) {
       ++d.ties;
     } else {
@@ -75,8 +146,25 @@ SelectionDiff compare_selection(const Plan& ref, const Plan& opt, const ref::Vec
   }
   d.jaccard = either > 0 ? 1.0 - static_cast<double>(both) / static_cast<double>(either) : 0.0;
   // Same kept sets but different rows (merges, positions): a mismatch unless
-  // the difference comes from decisions already counted as ties.
-  if (!d.plans_equal && d.ties == 0 && d.mismatches == 0) {
+  // the difference comes from decisions already counted as ties, the rows
+  // agree up to fp32 merge weights, or a chained merge decision of the
+  // reference lay inside the margin (then every token in a differing slot is a tie).
+  if (!d.plans_equal && d.ties == 0 && d.mismatches == 0 && ref.positions == opt.positions) {
+    std::int64_t reweighted = 0;
+    const std::int64_t differing = tokens_in_differing_slots(ref, opt, reweighted);
+    // A flipped decision moves slot boundaries, positions or counts; the same
+    // slot with other weights is a weight error whatever the margin, unless
+    // the method's weights depend on its decision order (WeightedKV).
+    if (differing > 0 && (reweighted == 0 || reweights_follow_decisions) && decision_margin <= delta) {
+      d.ties = differing;
+    } else if (differing > 0) {
+      d.mismatches = 1;
+      d.first_mismatch = std::to_string(differing) +
+                         " tokens in slots that differ (tokens, position, count or coefficients beyond " +
+                         std::to_string(kCoefficientTolerance) + " of the slot weight); decision margin " +
+                         std::to_string(decision_margin);
+    }
+  } else if (!d.plans_equal && d.ties == 0 && d.mismatches == 0) {
     d.mismatches = 1;
     d.first_mismatch = "same kept tokens but different slots (coefficients, positions or counts)";
   }

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kvscope/opt/ragged_cache.hpp"
 #include "kvscope/reference/plan_apply.hpp"
@@ -101,7 +102,10 @@ LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod
     for (std::int64_t j : scores->protected_tokens) prot[static_cast<std::size_t>(j)] = 1;
   for (std::size_t h = 0; h < rp.plans.size() && h < one.plans.plans.size(); ++h) {
     const ref::VecX* s = scores ? &scores->per_kv_head[h] : nullptr;
-    v.heads.push_back(compare_selection(rp.plans[h], one.plans.plans[h], s, prot, tol.score_delta));
+    const double margin = scores && h < scores->head_margin.size() ? scores->head_margin[h]
+                                                                    : std::numeric_limits<double>::infinity();
+    v.heads.push_back(compare_selection(rp.plans[h], one.plans.plans[h], s, prot, tol.score_delta, margin,
+                                        scores && scores->reweights_follow_decisions));
     if (!v.heads.back().pass()) fail("kv head " + std::to_string(h) + " selection: " + v.heads.back().first_mismatch);
   }
 

@@ -4,6 +4,7 @@
 #include <functional>
 #include <map>
 
+#include "cpu_families.hpp"
 #include "kvscope/core/error.hpp"
 #include "kvscope/opt/backend.hpp"
 #include "kvscope/opt/cpu/scores.hpp"
@@ -259,6 +260,10 @@ const std::map<std::string, Maker>& makers() {
        [](const MethodSpec&, const ref::ResolvedSpec& r) {
          return std::make_unique<ScoredEviction>(std::make_unique<TovaScorer>(r.params.boolean("keep_last")), "tova");
        }},
+      {"kvmerger", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_kvmerger(r.params); }},
+      {"weightedkv", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_weightedkv(r.params); }},
+      {"ems", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_ems(r.params); }},
+      {"cam", [](const MethodSpec& s, const ref::ResolvedSpec& r) { return make_cpu_cam(s, r.params); }},
   };
   return m;
 }

@@ -18,6 +18,22 @@ std::vector<float> load_rows(const S* x, std::int64_t h, std::int64_t tokens, in
   return out;
 }
 
+/// Dot products of four consecutive d-long rows of `q` with `k` (one pass over k).
+void dot4(const float* q, const float* k, int d, float* out) {
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int i = 0; i < d; ++i) {
+    a0 += q[i] * k[i];
+    a1 += q[d + i] * k[i];
+    a2 += q[2 * d + i] * k[i];
+    a3 += q[3 * d + i] * k[i];
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
 /// In place: row <- softmax(row) over its first `len` entries (max subtracted).
 void softmax_prefix(float* row, std::int64_t len) {
   float m = -INFINITY;
@@ -57,8 +73,18 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
 #pragma omp for schedule(static)
       for (std::int64_t j = 0; j < T; ++j) {
         load_row(kg + j * d, d, kj.data());
-        for (std::int64_t r = 0; r < R; ++r) {
-          const std::int64_t t = T - w + r % w;  // the query's own token: it sees keys 0..t
+        // Four query rows per pass over the key: the key stays in registers.
+        std::int64_t r = 0;
+        for (; r + 4 <= R; r += 4) {
+          float dots[4];
+          dot4(&Q[static_cast<std::size_t>(r * d)], kj.data(), d, dots);
+          for (int u = 0; u < 4; ++u) {
+            const std::int64_t t = T - w + (r + u) % w;  // the query's own token: it sees keys 0..t
+            logits[static_cast<std::size_t>((r + u) * T + j)] = j <= t ? dots[u] : 0.0f;
+          }
+        }
+        for (; r < R; ++r) {
+          const std::int64_t t = T - w + r % w;
           logits[static_cast<std::size_t>(r * T + j)] = j <= t ? dot(&Q[static_cast<std::size_t>(r * d)], kj.data(), d) : 0.0f;
         }
       }
@@ -85,20 +111,30 @@ void accumulated_attention(const LayerShape& s, const S* q, const S* k, bool per
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // One q head per thread: its column sums are added query by query in order.
+  // Queries go four at a time through each key (dot4), then row by row into the sums.
 #pragma omp parallel
   {
-    std::vector<float> row(static_cast<std::size_t>(T)), qt(static_cast<std::size_t>(d));
+    std::vector<float> rows(static_cast<std::size_t>(4 * T)), q4(static_cast<std::size_t>(4 * d));
 #pragma omp for schedule(dynamic, 1)
     for (int h = 0; h < s.q_heads; ++h) {
       const std::vector<float> K = load_rows(k, h / G, T, d, 0, T);
       float* acc = out + static_cast<std::int64_t>(h) * T;
       std::fill(acc, acc + T, 0.0f);
-      for (std::int64_t t = 0; t < T; ++t) {
-        load_row(q + (static_cast<std::int64_t>(h) * T + t) * d, d, qt.data());
-        for (int e = 0; e < d; ++e) qt[static_cast<std::size_t>(e)] *= scale;
-        for (std::int64_t j = 0; j <= t; ++j) row[static_cast<std::size_t>(j)] = dot(qt.data(), &K[static_cast<std::size_t>(j * d)], d);
-        softmax_prefix(row.data(), t + 1);
-        for (std::int64_t j = 0; j <= t; ++j) acc[j] += row[static_cast<std::size_t>(j)];
+      for (std::int64_t t0 = 0; t0 < T; t0 += 4) {
+        const std::int64_t n = std::min<std::int64_t>(4, T - t0);
+        load_row(q + (static_cast<std::int64_t>(h) * T + t0) * d, n * d, q4.data());
+        for (std::int64_t e = 0; e < n * d; ++e) q4[static_cast<std::size_t>(e)] *= scale;
+        std::fill(q4.begin() + n * d, q4.end(), 0.0f);
+        for (std::int64_t j = 0; j < t0 + n; ++j) {
+          float dots[4];
+          dot4(q4.data(), &K[static_cast<std::size_t>(j * d)], d, dots);
+          for (int u = 0; u < 4; ++u) rows[static_cast<std::size_t>(u * T + j)] = dots[u];
+        }
+        for (std::int64_t u = 0; u < n; ++u) {
+          float* row = &rows[static_cast<std::size_t>(u * T)];
+          softmax_prefix(row, t0 + u + 1);  // query t0 + u sees keys 0..t0 + u
+          for (std::int64_t j = 0; j <= t0 + u; ++j) acc[j] += row[j];
+        }
       }
       if (per_query)
         for (std::int64_t j = 0; j < T; ++j) acc[j] /= static_cast<float>(T - j);

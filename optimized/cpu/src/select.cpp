@@ -35,6 +35,16 @@ void adjacent_key_cosine(const LayerShape& s, const S* k, float* out) {
       const std::int64_t h = r / (T - 1), j = r % (T - 1);
       load_row(k + (h * T + j) * d, d, a.data());
       load_row(k + (h * T + j + 1) * d, d, b.data());
+      // Cosine is scale-free: scaling each key by a power of two (exact) keeps
+      // the squared norms of tiny keys from underflowing (and huge ones from overflowing).
+      for (std::vector<float>* x : {&a, &b}) {
+        float max_abs = 0.0f;
+        for (float v : *x) max_abs = std::max(max_abs, std::abs(v));
+        const int e = math::scale_exponent(max_abs), h1 = -e / 2, h2 = -e - h1;
+        const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);
+        if (e != 0)
+          for (float& v : *x) v = v * f1 * f2;
+      }
       out[r] = math::cosine(dot(a.data(), b.data(), d), dot(a.data(), a.data(), d), dot(b.data(), b.data(), d));
     }
   }

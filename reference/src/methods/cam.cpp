@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <limits>
 #include <map>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/methods/streaming_llm.hpp"
+#include "kvscope/reference/scorer.hpp"
 #include "kvscope/reference/scores.hpp"
 
 namespace kvscope::ref {
@@ -26,22 +29,15 @@ double cam_uniform(std::uint64_t seed, int layer, int kv_head, std::int64_t toke
 
 namespace {
 
-enum class Gate { kBernoulli, kAlways, kNever };
-enum class Denominator { kMean, kMax };
-enum class Score { kCumulative, kDecode, kStep };
-enum class Prefill { kSimulate, kEvict, kNone };
+using Gate = CamGate;
+using Denominator = CamDenominator;
+using Score = CamScore;
+using Prefill = CamPrefill;
+using Config = CamConfig;
 
-struct Config {
-  std::int64_t sinks = 4;
-  std::int64_t window = 16;  // m; 0 = the recent band (B - sinks), lm_eval's merge_budget = recent_budget
-  std::int64_t interval = 1;
-  Gate gate = Gate::kBernoulli;
-  std::uint64_t seed = 0;
-  Denominator denominator = Denominator::kMean;
-  Score score = Score::kCumulative;
-  Prefill prefill = Prefill::kSimulate;
-  bool rescale = false;  // truncated window: divide by its actual size (kvpress) instead of m (paper code)
-};
+// p of an evicted slot given the pass's window W and kept slots.
+using ProbFn = std::function<double(std::int64_t e, const std::vector<std::int64_t>& win,
+                                    const std::vector<std::int64_t>& kept)>;
 
 // A value hand-off decided by one eviction pass: slot `from` gives coef * V to each slot in `to`.
 struct Merge {
@@ -60,7 +56,7 @@ struct Pass {
 // Per step this is the paper's Algorithm 1 (one token); with candidates < evicted
 // it is kvpress CAMPress's bulk pass (merge candidates = the newest evicted).
 Pass evict_pass(const std::vector<std::int64_t>& key, std::int64_t budget, std::int64_t candidates,
-                const std::vector<double>& abar, const Config& c, int layer, int head) {
+                const ProbFn& prob, const Config& c, int layer, int head, double* margin = nullptr) {
   const auto m = static_cast<std::int64_t>(key.size());
   const std::int64_t first = std::min(c.sinks, m), excess = m - budget, end = first + excess;
   Pass out;
@@ -74,21 +70,36 @@ Pass evict_pass(const std::vector<std::int64_t>& key, std::int64_t budget, std::
   const std::vector<std::int64_t> win(out.kept.begin() + static_cast<std::ptrdiff_t>(w0),
                                       out.kept.begin() + static_cast<std::ptrdiff_t>(w1));
   if (win.empty()) return out;
-  auto score = [&](std::int64_t slot) { return abar[static_cast<std::size_t>(key[static_cast<std::size_t>(slot)])]; };
-  double mean = 0, max = 0;
-  for (std::int64_t s : win) mean += score(s) / static_cast<double>(win.size());
-  for (std::int64_t s : out.kept) max = std::max(max, score(s));
   const double coef = 1.0 / static_cast<double>(c.rescale ? static_cast<std::int64_t>(win.size()) : width);
   for (std::int64_t e = std::max(first, end - candidates); e < end; ++e) {
-    // p_i = clamp(Ā_i / denom, 0, 1); 0/0 -> 0 and x/0 -> 1 (the NaN/Inf guards of kvpress and the streaming code).
-    const double denom = c.denominator == Denominator::kMean ? mean : std::max(max, score(e));
-    double p = score(e) / denom;
-    p = std::isnan(p) ? 0.0 : std::clamp(p, 0.0, 1.0);
-    const bool merge = c.gate == Gate::kAlways ||
-                       cam_uniform(c.seed, layer, head, key[static_cast<std::size_t>(e)]) < p;
+    bool merge = c.gate == Gate::kAlways;
+    if (!merge) {
+      const double p = prob(e, win, out.kept);
+      const double u = cam_uniform(c.seed, layer, head, key[static_cast<std::size_t>(e)]);
+      merge = u < p;
+      if (margin) *margin = std::min(*margin, std::abs(u - p));  // p in [0, 1]: scale 1
+    }
     if (merge) out.merges.push_back({e, win, coef});
   }
   return out;
+}
+
+// p_i = clamp(Ā_i / denom, 0, 1) over the keys' Ā; 0/0 -> 0 and x/0 -> 1 (the
+// NaN/Inf guards of kvpress and the streaming code). `tiny` (nullable) is set
+// when the denominator is below fp32's resolution (a backend may see 0).
+ProbFn abar_prob(const std::vector<std::int64_t>& key, const std::vector<double>& abar, const Config& c,
+                 bool* tiny = nullptr) {
+  return [&key, &abar, &c, tiny](std::int64_t e, const std::vector<std::int64_t>& win, const std::vector<std::int64_t>& kept) {
+    auto score = [&](std::int64_t slot) { return abar[static_cast<std::size_t>(key[static_cast<std::size_t>(slot)])]; };
+    double mean = 0, max = 0;
+    for (std::int64_t s : win) mean += score(s) / static_cast<double>(win.size());
+    for (std::int64_t s : kept) max = std::max(max, score(s));
+    const double denom = c.denominator == Denominator::kMean ? mean : std::max(max, score(e));
+    // Below 1e-30 fp32 may see 0 (or a different ratio): p may come out otherwise.
+    if (tiny && ((denom > 0 && denom <= 1e-30) || (denom == 0 && score(e) > 0 && score(e) <= 1e-30))) *tiny = true;
+    const double p = score(e) / denom;
+    return std::isnan(p) ? 0.0 : std::clamp(p, 0.0, 1.0);
+  };
 }
 
 // The key token of every slot of a value-hand-off plan (the entry with coef_k != 0).
@@ -134,10 +145,54 @@ void accumulate(std::vector<double>& abar, const std::vector<std::int64_t>& key,
 }
 
 // The prompt as a stream (the lm_eval simulation's per-position loop): token t
-// arrives, one pass evicts for space, then query t attends over the cached keys.
+// arrives, one pass evicts for space (gate probabilities from `prob` over the
+// current keys), then `attend(t, keys)` lets query t see the cached keys.
+// Keys are evicted by position only; merges move values. `margin` (nullable)
+// receives the smallest |u - p| of the Bernoulli draws.
+using AttendFn = std::function<void(std::int64_t t, const std::vector<std::int64_t>& key)>;
+using StreamProb = std::function<ProbFn(const std::vector<std::int64_t>& key)>;
+Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer, int h, const StreamProb& prob,
+                 const AttendFn& attend, double* margin) {
+  std::vector<std::int64_t> key;
+  std::vector<std::map<std::int64_t, double>> rows;  // per slot: token -> coef_v (its key token at 1)
+  for (std::int64_t t = 0; t < T; ++t) {
+    key.push_back(t);
+    rows.push_back({{t, 1.0}});
+    if (static_cast<std::int64_t>(key.size()) > budget) {
+      const Pass pass = evict_pass(key, budget, 1, prob(key), c, layer, h, margin);
+      for (const Merge& g : pass.merges)
+        for (std::int64_t to : g.to)
+          for (const auto& [j, w] : rows[static_cast<std::size_t>(g.from)]) rows[static_cast<std::size_t>(to)][j] += g.coef * w;
+      std::vector<std::int64_t> k2;
+      std::vector<std::map<std::int64_t, double>> r2;
+      for (std::int64_t s : pass.kept) {
+        k2.push_back(key[static_cast<std::size_t>(s)]);
+        r2.push_back(std::move(rows[static_cast<std::size_t>(s)]));
+      }
+      key = std::move(k2);
+      rows = std::move(r2);
+    }
+    if (attend) attend(t, key);
+  }
+  Plan p;
+  p.n = T;
+  for (std::size_t s = 0; s < key.size(); ++s) {
+    std::vector<std::int64_t> tok;
+    std::vector<double> ck, cv;
+    for (const auto& [j, w] : rows[s]) {
+      tok.push_back(j);
+      ck.push_back(j == key[s] ? 1.0 : 0.0);
+      cv.push_back(w);
+    }
+    p.add_row(tok, ck, cv, key[s], static_cast<std::int64_t>(tok.size()));
+  }
+  return p;
+}
+
 struct Simulation {
   std::vector<Plan> plans;                // per kv head, over the T prompt tokens
   std::vector<std::vector<double>> abar;  // per kv head, by token
+  std::vector<double> margin;             // per kv head: smallest |u - p| (0 when a denominator underflows fp32)
 };
 
 Simulation simulate(const LayerInput& in, std::int64_t budget, const Config& c) {
@@ -147,26 +202,11 @@ Simulation simulate(const LayerInput& in, std::int64_t budget, const Config& c) 
   for (int h = 0; h < H; ++h) {
     const MatX& K = in.k[static_cast<std::size_t>(h)];
     std::vector<double> abar(static_cast<std::size_t>(T), 0.0);
-    std::vector<std::int64_t> key;
-    std::vector<std::map<std::int64_t, double>> rows;  // per slot: token -> coef_v (its key token at 1)
-    for (std::int64_t t = 0; t < T; ++t) {
-      key.push_back(t);
-      rows.push_back({{t, 1.0}});
-      if (static_cast<std::int64_t>(key.size()) > budget) {
-        const Pass pass = evict_pass(key, budget, 1, abar, c, in.layer, h);
-        for (const Merge& g : pass.merges)
-          for (std::int64_t to : g.to)
-            for (const auto& [j, w] : rows[static_cast<std::size_t>(g.from)]) rows[static_cast<std::size_t>(to)][j] += g.coef * w;
-        std::vector<std::int64_t> k2;
-        std::vector<std::map<std::int64_t, double>> r2;
-        for (std::int64_t s : pass.kept) {
-          k2.push_back(key[static_cast<std::size_t>(s)]);
-          r2.push_back(std::move(rows[static_cast<std::size_t>(s)]));
-        }
-        key = std::move(k2);
-        rows = std::move(r2);
-      }
-      if (c.score == Score::kDecode) continue;  // kvpress: Ā counts decoding steps only
+    bool tiny = false;
+    double margin = std::numeric_limits<double>::infinity();
+    const StreamProb prob = [&](const std::vector<std::int64_t>& key) { return abar_prob(key, abar, c, &tiny); };
+    const AttendFn attend = [&](std::int64_t t, const std::vector<std::int64_t>& key) {
+      if (c.score == Score::kDecode) return;  // kvpress: Ā counts decoding steps only
       MatX Kc(static_cast<Eigen::Index>(key.size()), K.cols());
       for (std::size_t s = 0; s < key.size(); ++s) Kc.row(static_cast<Eigen::Index>(s)) = K.row(key[s]);
       std::vector<VecX> probs(static_cast<std::size_t>(Q));
@@ -175,21 +215,10 @@ Simulation simulate(const LayerInput& in, std::int64_t budget, const Config& c) 
           probs[static_cast<std::size_t>(q)] =
               softmax(Kc * in.q[static_cast<std::size_t>(q)].row(t).transpose() / std::sqrt(static_cast<double>(K.cols())));
       accumulate(abar, key, probs, h, Q, H, c.score == Score::kStep);
-    }
-    Plan p;
-    p.n = T;
-    for (std::size_t s = 0; s < key.size(); ++s) {
-      std::vector<std::int64_t> tok;
-      std::vector<double> ck, cv;
-      for (const auto& [j, w] : rows[s]) {
-        tok.push_back(j);
-        ck.push_back(j == key[s] ? 1.0 : 0.0);
-        cv.push_back(w);
-      }
-      p.add_row(tok, ck, cv, key[s], static_cast<std::int64_t>(tok.size()));
-    }
-    sim.plans.push_back(std::move(p));
+    };
+    sim.plans.push_back(stream_head(T, budget, c, in.layer, h, prob, attend, &margin));
     sim.abar.push_back(std::move(abar));
+    sim.margin.push_back(tiny ? 0.0 : margin);
   }
   return sim;
 }
@@ -226,7 +255,8 @@ class Decoder final : public DecodePolicy {
       const Plan& cur = (*step.heads)[h].plan;
       abar_[h].resize(static_cast<std::size_t>(cur.n), 0.0);
       if (cur.slots() <= budgets_[h] || since_ < c_.interval) continue;
-      const Pass pass = evict_pass(key_tokens(cur), budgets_[h], since_, abar_[h], c_, layer_, static_cast<int>(h));
+      const std::vector<std::int64_t> key = key_tokens(cur);
+      const Pass pass = evict_pass(key, budgets_[h], since_, abar_prob(key, abar_[h], c_), c_, layer_, static_cast<int>(h));
       out[h] = pass_plan(pass, cur);
       fired = true;
     }
@@ -250,22 +280,50 @@ class Decoder final : public DecodePolicy {
   std::int64_t since_ = 0;                 // decode steps since the last pass
 };
 
+}  // namespace
+
+CamConfig cam_config(const Params& p) {
+  CamConfig c;
+  c.sinks = p.integer("sinks", 0);
+  c.window = p.text("window") == "recent" ? 0 : p.integer("window", 1);
+  c.interval = p.integer("interval", 1);
+  c.seed = static_cast<std::uint64_t>(p.integer("seed", 0));
+  const std::string gate = p.choice("gate", {"bernoulli", "always", "never"});
+  c.gate = gate == "always" ? Gate::kAlways : gate == "never" ? Gate::kNever : Gate::kBernoulli;
+  c.denominator = p.choice("denominator", {"mean", "max"}) == "max" ? Denominator::kMax : Denominator::kMean;
+  const std::string score = p.choice("attention", {"cumulative", "decode", "step"});
+  c.score = score == "decode" ? Score::kDecode : score == "step" ? Score::kStep : Score::kCumulative;
+  const std::string prefill = p.choice("prefill", {"simulate", "evict", "none"});
+  c.prefill = prefill == "evict" ? Prefill::kEvict : prefill == "none" ? Prefill::kNone : Prefill::kSimulate;
+  c.rescale = p.choice("truncated", {"drop", "rescale"}) == "rescale";
+  return c;
+}
+
+void cam_check_budget(const CamConfig& c, std::int64_t budget) {
+  // Every pass evicts down to the budget with the arriving token cached: B >= sinks + 1.
+  if (budget < c.sinks + 1)
+    throw Error(ErrorKind::kImpossibleBudget, "cam: budget " + std::to_string(budget) + " cannot hold sinks " +
+                                                  std::to_string(c.sinks) + " + 1 slot for the arriving token");
+}
+
+CamStream cam_stream(const CamConfig& c, std::int64_t T, std::int64_t budget, int layer, int kv_head,
+                     const std::vector<double>& p_by_token) {
+  CamStream out;
+  out.margin = std::numeric_limits<double>::infinity();
+  const StreamProb prob = [&](const std::vector<std::int64_t>& key) -> ProbFn {
+    return [&key, &p_by_token](std::int64_t e, const std::vector<std::int64_t>&, const std::vector<std::int64_t>&) {
+      return p_by_token[static_cast<std::size_t>(key[static_cast<std::size_t>(e)])];
+    };
+  };
+  out.plan = stream_head(T, budget, c, layer, kv_head, prob, nullptr, &out.margin);
+  return out;
+}
+
+namespace {
+
 class CaM final : public Method {
  public:
-  CaM(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()) {
-    c_.sinks = p.integer("sinks", 0);
-    c_.window = p.text("window") == "recent" ? 0 : p.integer("window", 1);
-    c_.interval = p.integer("interval", 1);
-    c_.seed = static_cast<std::uint64_t>(p.integer("seed", 0));
-    const std::string gate = p.choice("gate", {"bernoulli", "always", "never"});
-    c_.gate = gate == "always" ? Gate::kAlways : gate == "never" ? Gate::kNever : Gate::kBernoulli;
-    c_.denominator = p.choice("denominator", {"mean", "max"}) == "max" ? Denominator::kMax : Denominator::kMean;
-    const std::string score = p.choice("attention", {"cumulative", "decode", "step"});
-    c_.score = score == "decode" ? Score::kDecode : score == "step" ? Score::kStep : Score::kCumulative;
-    const std::string prefill = p.choice("prefill", {"simulate", "evict", "none"});
-    c_.prefill = prefill == "evict" ? Prefill::kEvict : prefill == "none" ? Prefill::kNone : Prefill::kSimulate;
-    c_.rescale = p.choice("truncated", {"drop", "rescale"}) == "rescale";
-  }
+  CaM(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()), c_(cam_config(p)) {}
 
   std::string name() const override { return method_name("cam", preset_, params_); }
 
@@ -299,6 +357,24 @@ class CaM final : public Method {
     return std::make_unique<Decoder>(c_, in.layer, static_cast<int>(in.q.size()), budgets, std::move(abar));
   }
 
+  // Kept tokens are no threshold on one score: 1 (kept) / -1 (evicted), and
+  // head_margin = the head's smallest gate margin |u - p| (as ems.cpp;
+  // docs/verification.md, "Merge plans"). Only the simulated prefill draws.
+  std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans& plans,
+                                             std::int64_t budget) const override {
+    if (c_.prefill != Prefill::kSimulate) return std::nullopt;  // position-only: must match exactly
+    const Simulation sim = simulate(in, budget, c_);
+    LayerScores out;
+    out.protected_tokens = protected_tokens(in.tokens(), budget);
+    for (std::size_t h = 0; h < plans.plans.size(); ++h) {
+      VecX s = VecX::Constant(in.tokens(), -1.0);
+      for (std::int64_t t : plans.plans[h].token) s[t] = 1.0;
+      out.per_kv_head.push_back(std::move(s));
+      out.head_margin.push_back(sim.margin[h]);
+    }
+    return out;
+  }
+
   // Only the sinks stay alone and unchanged: recent slots receive merged values.
   std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t budget) const override {
     require(budget);
@@ -306,12 +382,7 @@ class CaM final : public Method {
   }
 
  private:
-  // Every pass evicts down to the budget with the arriving token cached: B >= sinks + 1.
-  void require(std::int64_t budget) const {
-    if (budget < c_.sinks + 1)
-      throw Error(ErrorKind::kImpossibleBudget, "cam: budget " + std::to_string(budget) + " cannot hold sinks " +
-                                                    std::to_string(c_.sinks) + " + 1 slot for the arriving token");
-  }
+  void require(std::int64_t budget) const { cam_check_budget(c_, budget); }
 
   std::string preset_;
   std::map<std::string, std::string> params_;

@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "kvscope/core/error.hpp"
+#include "kvscope/reference/scorer.hpp"
 
 namespace kvscope::ref {
 
@@ -24,6 +25,12 @@ double cosine(const Eigen::Ref<const Eigen::RowVectorXd>& a, const Eigen::Ref<co
 // Guard of the norm-preserving key merge: a merged direction this much
 // shorter than the weights' norms has cancelled (reconstructed guard).
 constexpr double kCancel = 1e-9;
+// Weights and score gaps this small may be 0 in fp32 (a backend's compute):
+// their decisions are ties (compare_selection's absolute slack).
+constexpr double kTinyWeight = 1e-30;
+// A merged key direction shorter than this share of the weights' norms
+// amplifies a backend's weight rounding into its key coefficients: a tie.
+constexpr double kCancelMargin = 0.1;
 
 }  // namespace
 
@@ -44,7 +51,34 @@ double ems_similarity(const MatX& K, const MatX& V, std::int64_t x, std::int64_t
   return s == EmsSimilarity::kKeys ? ck : ck * cosine(V.row(x), V.row(y));
 }
 
-EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConfig& c) {
+EmsAssignment ems_assign(const MatX& K, const MatX& V, const std::vector<std::int64_t>& rest,
+                         const std::vector<std::int64_t>& centres, const std::vector<char>& can_take,
+                         const EmsConfig& c) {
+  constexpr double kNone = -std::numeric_limits<double>::infinity();
+  EmsAssignment a;
+  a.best.assign(rest.size(), kNone);
+  a.second.assign(rest.size(), kNone);
+  a.centre.assign(rest.size(), -1);
+  a.any.assign(rest.size(), kNone);
+  for (std::size_t i = 0; i < rest.size(); ++i) {
+    for (std::size_t e = 0; e < centres.size(); ++e) {
+      const double s = ems_similarity(K, V, rest[i], centres[e], c.similarity);
+      a.any[i] = std::max(a.any[i], s);
+      if (!can_take[e]) continue;
+      if (s > a.best[i]) {
+        a.second[i] = a.best[i];
+        a.best[i] = s;
+        a.centre[i] = centres[e];
+      } else if (s > a.second[i]) {
+        a.second[i] = s;
+      }
+    }
+    if (a.best[i] < c.tau) a.centre[i] = -1;  // the zero class
+  }
+  return a;
+}
+
+EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConfig& c, const EmsAssignFn* assign) {
   const MatX& K = *items.K;
   const MatX& V = *items.V;
   const std::int64_t n = K.rows();
@@ -52,6 +86,7 @@ EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConf
   if (V.rows() != n || items.glo.size() != n || items.loc.size() != n || static_cast<std::int64_t>(items.position.size()) != n)
     throw Error(ErrorKind::kInternal, "ems: item arrays disagree in length");
   EmsResult r;
+  r.margin = std::numeric_limits<double>::infinity();
   r.score = ems_global_local(items.glo, items.loc, c);
   r.cls.assign(static_cast<std::size_t>(n), EmsClass::kWindow);
   r.centre.assign(static_cast<std::size_t>(n), -1);
@@ -87,27 +122,17 @@ EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConf
   for (std::int64_t j : cand) mass_all += items.glo[j];
   for (std::int64_t j : centres) mass_centres += items.glo[j];
   r.sparsity = mass_all > 0 ? mass_centres / mass_all : 1.0;
-  std::vector<double> best_sim(rest.size(), -std::numeric_limits<double>::infinity());
-  std::vector<std::int64_t> best_centre(rest.size(), -1);
   // Centres in position order, so equal similarities go to the earliest centre.
   std::vector<std::int64_t> centres_pos = centres;
   std::stable_sort(centres_pos.begin(), centres_pos.end(), [&](std::int64_t a, std::int64_t b) {
     return items.position[static_cast<std::size_t>(a)] < items.position[static_cast<std::size_t>(b)];
   });
   auto weight = [&](std::int64_t j) { return c.weights == EmsMergeWeights::kScore ? r.score[j] : items.glo[j]; };
+  std::vector<char> can_take;  // assignment: centres that can take members
+  for (std::int64_t ctr : centres_pos) can_take.push_back(weight(ctr) > 0);
+  const EmsAssignment a = assign ? (*assign)(rest, centres_pos, can_take) : ems_assign(K, V, rest, centres_pos, can_take, c);
   double red = 0;
-  for (std::size_t i = 0; i < rest.size(); ++i) {
-    double s_all = -std::numeric_limits<double>::infinity();  // redundancy counts every centre
-    for (std::int64_t ctr : centres_pos) {
-      const double s = ems_similarity(K, V, rest[i], ctr, c.similarity);
-      s_all = std::max(s_all, s);
-      if (s > best_sim[i] && weight(ctr) > 0) {  // assignment: centres that can take members
-        best_sim[i] = s;
-        best_centre[i] = ctr;
-      }
-    }
-    red += centres_pos.empty() ? 0.0 : s_all;
-  }
+  for (std::size_t i = 0; i < rest.size(); ++i) red += centres_pos.empty() ? 0.0 : a.any[i];  // redundancy counts every centre
   r.redundancy = rest.empty() ? 0.0 : red / static_cast<double>(rest.size());
   r.share = c.share_fixed ? c.share_value
                           : std::clamp(c.share_gain * std::max(0.0, r.redundancy) * (1.0 - r.sparsity), 0.0, 1.0);
@@ -122,10 +147,39 @@ EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConf
   for (std::int64_t i = 0; i < r.n_tbm; ++i) {
     const auto iu = static_cast<std::size_t>(i);
     const std::int64_t x = rest[iu];
-    if (best_centre[iu] < 0 || best_sim[iu] < c.tau || !(weight(x) > 0)) continue;
-    members[static_cast<std::size_t>(best_centre[iu])].push_back(x);
+    if (a.centre[iu] < 0 || !(weight(x) > 0)) continue;
+    members[static_cast<std::size_t>(a.centre[iu])].push_back(x);
     r.cls[static_cast<std::size_t>(x)] = EmsClass::kMerged;
-    r.centre[static_cast<std::size_t>(x)] = best_centre[iu];
+    r.centre[static_cast<std::size_t>(x)] = a.centre[iu];
+  }
+
+  // Margins of those decisions (relative; 0 = a tie a backend may decide otherwise).
+  {
+    // s_GL gap at rank k, relative to the scores at the cut: fp32 softmax
+    // errors are relative to each probability, so a heavy sink elsewhere does
+    // not widen the margin of a cut among light tokens.
+    const auto cut = [&](const std::vector<std::int64_t>& ranked, std::int64_t k) {
+      if (k <= 0 || k >= static_cast<std::int64_t>(ranked.size())) return std::numeric_limits<double>::infinity();
+      const double hi = r.score[ranked[static_cast<std::size_t>(k - 1)]], lo = r.score[ranked[static_cast<std::size_t>(k)]];
+      const double gap = hi - lo, scale = std::max(std::abs(hi), std::abs(lo));
+      return gap <= kTinyWeight || !(scale > 0) ? 0.0 : gap / scale;
+    };
+    const auto tiny = [](double x) { return x > 0 && x <= kTinyWeight; };  // fp32 may round it to 0
+    double m = std::min(cut(order, r.n_imp), cut(rest, r.n_tbm));
+    if (!c.share_fixed && R > 0) {
+      const double x = r.share * static_cast<double>(R) + 0.5;
+      m = std::min(m, std::abs(x - std::round(x)) / static_cast<double>(R));
+    }
+    for (std::int64_t ctr : centres_pos)
+      if (tiny(weight(ctr))) m = 0;
+    for (std::int64_t i = 0; i < r.n_tbm; ++i) {
+      const auto iu = static_cast<std::size_t>(i);
+      if (tiny(weight(rest[iu]))) m = 0;
+      if (!(weight(rest[iu]) > 0) || !std::isfinite(a.best[iu])) continue;
+      m = std::min(m, std::abs(a.best[iu] - c.tau));  // similarities: scale 1
+      if (std::isfinite(a.second[iu])) m = std::min(m, a.best[iu] - a.second[iu]);
+    }
+    r.margin = m;
   }
 
   r.plan.n = n;
@@ -153,6 +207,7 @@ EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConf
       spread += cv[e] * K.row(toks[e]).norm();
     }
     const double nc = K.row(j).norm(), nm = m.norm();
+    if (nc > 0.0 && !(nm >= kCancelMargin * spread)) r.margin = 0;
     ck.assign(toks.size(), 0.0);
     if (nc == 0.0 || !(nm > kCancel * spread)) {
       for (std::size_t e = 0; e < toks.size(); ++e) ck[e] = toks[e] == j ? 1.0 : 0.0;  // keep the centre's key
@@ -191,6 +246,27 @@ void ems_parse_share(const std::string& text, EmsConfig& c) {
                                    "got '" + text + "'");
   c.share_fixed = true;
   c.share_value = v;
+}
+
+EmsConfig ems_config(const Params& p) {
+  EmsConfig c;
+  c.window = p.integer("window", 0);
+  c.obs_window = p.integer("obs_window", 0);
+  const std::string comb = p.choice("combiner", {"sum", "max", "weighted"});
+  c.combiner = comb == "sum" ? EmsCombiner::kSum : comb == "max" ? EmsCombiner::kMax : EmsCombiner::kWeighted;
+  c.lambda = p.real("lambda");
+  if (c.lambda < 0 || c.lambda > 1) throw Error(ErrorKind::kUsage, "ems: parameter 'lambda' must be in [0, 1]");
+  ems_parse_share(p.text("share"), c);
+  c.share_gain = p.real("share_gain");
+  if (c.share_gain < 0) throw Error(ErrorKind::kUsage, "ems: parameter 'share_gain' must be >= 0");
+  c.similarity = p.choice("similarity", {"kv", "keys"}) == "kv" ? EmsSimilarity::kKeyValue : EmsSimilarity::kKeys;
+  c.tau = p.real("tau");
+  c.weights = p.choice("merge_weights", {"score", "attention"}) == "score" ? EmsMergeWeights::kScore
+                                                                            : EmsMergeWeights::kAttention;
+  c.group = p.choice("gqa", {"mean", "max"}) == "mean" ? Reduce::kMean : Reduce::kMax;
+  c.recompress = p.choice("decode", {"recompress", "grow"}) == "recompress";
+  c.every = p.integer("decode_every", 1);
+  return c;
 }
 
 namespace {
@@ -312,24 +388,7 @@ class EmsDecoder final : public DecodePolicy {
 
 class Ems final : public Method {
  public:
-  Ems(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()) {
-    c_.window = p.integer("window", 0);
-    c_.obs_window = p.integer("obs_window", 0);
-    const std::string comb = p.choice("combiner", {"sum", "max", "weighted"});
-    c_.combiner = comb == "sum" ? EmsCombiner::kSum : comb == "max" ? EmsCombiner::kMax : EmsCombiner::kWeighted;
-    c_.lambda = p.real("lambda");
-    if (c_.lambda < 0 || c_.lambda > 1) throw Error(ErrorKind::kUsage, "ems: parameter 'lambda' must be in [0, 1]");
-    ems_parse_share(p.text("share"), c_);
-    c_.share_gain = p.real("share_gain");
-    if (c_.share_gain < 0) throw Error(ErrorKind::kUsage, "ems: parameter 'share_gain' must be >= 0");
-    c_.similarity = p.choice("similarity", {"kv", "keys"}) == "kv" ? EmsSimilarity::kKeyValue : EmsSimilarity::kKeys;
-    c_.tau = p.real("tau");
-    c_.weights = p.choice("merge_weights", {"score", "attention"}) == "score" ? EmsMergeWeights::kScore
-                                                                              : EmsMergeWeights::kAttention;
-    c_.group = p.choice("gqa", {"mean", "max"}) == "mean" ? Reduce::kMean : Reduce::kMax;
-    c_.recompress = p.choice("decode", {"recompress", "grow"}) == "recompress";
-    c_.every = p.integer("decode_every", 1);
-  }
+  Ems(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()), c_(ems_config(p)) {}
 
   std::string name() const override { return method_name("ems", preset_, params_); }
   Laws laws() const override {
@@ -354,6 +413,33 @@ class Ems final : public Method {
       plans.push_back(ems_compress(items, budget, c_).plan);
     }
     return LayerPlans::uniform(std::move(plans), budget);
+  }
+
+  // The kept set (window, centres, merged) is no threshold on one score:
+  // scores are 1 (kept) / -1 (evicted), never a tie by themselves; the head's
+  // smallest decision margin (EmsResult::margin) is head_margin, and within
+  // delta any difference is a tie (docs/verification.md, "Merge plans").
+  std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans& plans,
+                                             std::int64_t budget) const override {
+    const std::int64_t T = in.tokens();
+    LayerScores out;
+    if (T > budget && budget >= 0) out.protected_tokens = protected_tokens(T, budget);
+    for (int kv = 0; kv < static_cast<int>(in.k.size()); ++kv) {
+      double margin = std::numeric_limits<double>::infinity();
+      if (T > budget) {
+        EmsItems items;
+        items.K = &in.k[static_cast<std::size_t>(kv)];
+        items.V = &in.v[static_cast<std::size_t>(kv)];
+        ems_prefill_scores(in, kv, c_, items.glo, items.loc);
+        items.position = index_range(0, T);
+        margin = ems_compress(items, budget, c_).margin;
+      }
+      VecX s = VecX::Constant(T, -1.0);
+      for (std::int64_t t : plans.plans[static_cast<std::size_t>(kv)].token) s[t] = 1.0;
+      out.per_kv_head.push_back(std::move(s));
+      out.head_margin.push_back(margin);
+    }
+    return out;
   }
 
   std::unique_ptr<DecodePolicy> decoder(const LayerInput& in, const std::vector<std::int64_t>& budgets) const override {

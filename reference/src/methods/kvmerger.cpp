@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <span>
 #include <sstream>
 
 #include "kvscope/core/error.hpp"
+#include "kvscope/reference/scorer.hpp"
 
 namespace kvscope::ref {
 
@@ -87,37 +90,47 @@ std::vector<double> kvmerger_weights(const MatX& K, const std::vector<std::int64
   return w;
 }
 
-Plan kvmerger_head_plan(const MatX& K, const VecX& score, std::int64_t budget, const KVMergerConfig& c,
-                        std::vector<std::int64_t>* protected_out) {
-  const std::int64_t T = K.rows();
-  if (T <= budget) {  // the budget covers the cache: nothing to compress
-    if (protected_out) protected_out->clear();
-    return Plan::identity(T);
-  }
+namespace {
+
+/// Margin of a top-k decision relative to the scores' scale (0 below the
+/// fp32-unresolvable 1e-30, as compare_selection's absolute slack).
+double relative_margin(const Selection& s, const VecX& score, std::span<const std::int64_t> candidates) {
+  if (!std::isfinite(s.margin)) return std::numeric_limits<double>::infinity();
+  if (s.margin <= 1e-30) return 0.0;
+  double scale = 0;
+  for (std::int64_t j : candidates) scale = std::max(scale, std::abs(score[j]));
+  return scale > 0 ? s.margin / scale : 0.0;
+}
+
+}  // namespace
+
+KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t budget, const KVMergerConfig& c) {
+  const std::int64_t T = score.size();
+  KVMergerEdges out;
+  out.margin = std::numeric_limits<double>::infinity();
   // (a) Protection: the recent band and the heaviest of the other tokens.
   const std::int64_t r = c.recent_count(T);
   std::vector<char> prot(static_cast<std::size_t>(T), 0);
   for (std::int64_t j = T - r; j < T; ++j) prot[static_cast<std::size_t>(j)] = 1;
-  const Selection heavy = top_k(score, index_range(0, T - r), c.heavy_count(T));
+  const std::vector<std::int64_t> heavy_candidates = index_range(0, T - r);
+  const Selection heavy = top_k(score, heavy_candidates, c.heavy_count(T));
+  if (!heavy.kept.empty()) out.margin = std::min(out.margin, relative_margin(heavy, score, heavy_candidates));
   for (std::int64_t j : heavy.kept) prot[static_cast<std::size_t>(j)] = 1;
-  if (protected_out) {
-    protected_out->clear();
-    for (std::int64_t j = 0; j < T; ++j)
-      if (prot[static_cast<std::size_t>(j)]) protected_out->push_back(j);
-  }
+  for (std::int64_t j = 0; j < T; ++j)
+    if (prot[static_cast<std::size_t>(j)]) out.protected_tokens.push_back(j);
 
   // (b) Merge edges between adjacent unprotected tokens (Algorithm 1's chaining rule).
-  VecX cosine = VecX::Zero(std::max<std::int64_t>(T - 1, 0));
   std::vector<std::int64_t> eligible;
   for (std::int64_t j = 0; j + 1 < T; ++j) {
     if (prot[static_cast<std::size_t>(j)] || prot[static_cast<std::size_t>(j + 1)]) continue;
-    cosine[j] = key_cosine(K.row(j).transpose(), K.row(j + 1).transpose());
     eligible.push_back(j);
   }
-  std::vector<char> merge(static_cast<std::size_t>(std::max<std::int64_t>(T - 1, 0)), 0);
+  std::vector<char>& merge = out.merge;
+  merge.assign(static_cast<std::size_t>(std::max<std::int64_t>(T - 1, 0)), 0);
   std::int64_t merged = 0;
   std::vector<std::int64_t> rest;
   for (std::int64_t j : eligible) {
+    if (c.mode != KVMergerConfig::Mode::kBudget) out.margin = std::min(out.margin, std::abs(cosine[j] - c.eps));
     if (c.mode != KVMergerConfig::Mode::kBudget && cosine[j] > c.eps) {
       merge[static_cast<std::size_t>(j)] = 1;
       ++merged;
@@ -137,8 +150,25 @@ Plan kvmerger_head_plan(const MatX& K, const VecX& score, std::int64_t budget, c
                       " merges of " + std::to_string(T) + " tokens, but only " + std::to_string(eligible.size()) +
                       " adjacent pairs are unprotected (" + std::to_string(r) + " recent + " +
                       std::to_string(heavy.kept.size()) + " heavy tokens protected)");
-    for (std::int64_t j : top_k(cosine, rest, need).kept) merge[static_cast<std::size_t>(j)] = 1;
+    const Selection taken = top_k(cosine, rest, need);
+    if (std::isfinite(taken.margin)) out.margin = std::min(out.margin, taken.margin);  // cosines: scale 1
+    for (std::int64_t j : taken.kept) merge[static_cast<std::size_t>(j)] = 1;
   }
+  return out;
+}
+
+Plan kvmerger_head_plan(const MatX& K, const VecX& score, std::int64_t budget, const KVMergerConfig& c,
+                        std::vector<std::int64_t>* protected_out) {
+  const std::int64_t T = K.rows();
+  if (T <= budget) {  // the budget covers the cache: nothing to compress
+    if (protected_out) protected_out->clear();
+    return Plan::identity(T);
+  }
+  VecX cosine = VecX::Zero(std::max<std::int64_t>(T - 1, 0));
+  for (std::int64_t j = 0; j + 1 < T; ++j) cosine[j] = key_cosine(K.row(j).transpose(), K.row(j + 1).transpose());
+  const KVMergerEdges edges = kvmerger_edges(cosine, score, budget, c);
+  if (protected_out) *protected_out = edges.protected_tokens;
+  const std::vector<char>& merge = edges.merge;
 
   // (c) Gaussian-kernel weighted merging of every set into its pivot.
   Plan p;
@@ -166,9 +196,7 @@ Plan kvmerger_head_plan(const MatX& K, const VecX& score, std::int64_t budget, c
   return p;
 }
 
-namespace {
-
-KVMergerConfig parse_config(const Params& p) {
+KVMergerConfig kvmerger_config(const Params& p) {
   KVMergerConfig c;
   const std::string mode = p.choice("mode", {"threshold", "budget", "capped"});
   c.mode = mode == "budget" ? KVMergerConfig::Mode::kBudget
@@ -210,9 +238,11 @@ KVMergerConfig parse_config(const Params& p) {
   return c;
 }
 
+namespace {
+
 class KVMerger final : public Method {
  public:
-  KVMerger(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()), c_(parse_config(p)) {}
+  KVMerger(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()), c_(kvmerger_config(p)) {}
 
   std::string name() const override { return method_name("kvmerger", preset_, params_); }
 
@@ -245,6 +275,50 @@ class KVMerger final : public Method {
 
   std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>&) const override {
     return nullptr;
+  }
+
+  // The pivot scores per kv head and the smallest margin of the head's
+  // decisions (heavy set, merged edges, pivots) for the differential harness.
+  std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans&,
+                                             std::int64_t budget) const override {
+    const std::int64_t T = in.tokens();
+    const int q_heads = static_cast<int>(in.q.size()), kv_heads = static_cast<int>(in.k.size());
+    const int layers = in.meta ? in.meta->layers : 0;
+    const bool skipped = c_.skipped(in.layer, layers);
+    LayerScores out;
+    std::vector<VecX> acc;
+    if (!skipped)
+      for (int h = 0; h < q_heads; ++h) acc.push_back(accumulated_attention(in, h, false));
+    for (int kv = 0; kv < kv_heads; ++kv) {
+      const MatX& K = in.k[static_cast<std::size_t>(kv)];
+      out.per_kv_head.push_back(skipped ? VecX::Zero(T) : group_reduce(acc, kv, q_heads, kv_heads, c_.gqa));
+      double margin = std::numeric_limits<double>::infinity();
+      if (!skipped && T > budget) {
+        const VecX& score = out.per_kv_head.back();
+        VecX cosine = VecX::Zero(std::max<std::int64_t>(T - 1, 0));
+        for (std::int64_t j = 0; j + 1 < T; ++j) cosine[j] = key_cosine(K.row(j).transpose(), K.row(j + 1).transpose());
+        const KVMergerEdges e = kvmerger_edges(cosine, score, budget, c_);
+        margin = e.margin;
+        const double scale = score.cwiseAbs().maxCoeff();
+        // Pivots: the best score of each set against its runner-up.
+        for (std::int64_t b = 0; b < T;) {
+          std::int64_t end = b + 1;
+          while (end < T && e.merge[static_cast<std::size_t>(end - 1)]) ++end;
+          if (end - b > 1) {
+            double best = -std::numeric_limits<double>::infinity(), second = best;
+            for (std::int64_t j = b; j < end; ++j) {
+              if (score[j] > best) second = best, best = score[j];
+              else if (score[j] > second) second = score[j];
+            }
+            const double gap = best - second;
+            margin = std::min(margin, gap <= 1e-30 || !(scale > 0) ? 0.0 : gap / scale);
+          }
+          b = end;
+        }
+      }
+      out.head_margin.push_back(margin);
+    }
+    return out;
   }
 
   // The recent band of an n-token cache (heavy hitters are data-dependent; the

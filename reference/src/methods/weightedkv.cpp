@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "kvscope/core/error.hpp"
+#include "kvscope/reference/scorer.hpp"
 
 namespace kvscope::ref {
 
@@ -18,7 +20,7 @@ void WeightedKVConfig::check_budget(std::int64_t budget) const {
 }
 
 void weightedkv_compress(std::vector<WeightedSlot>& slots, std::int64_t budget, const WeightedKVConfig& c,
-                         std::vector<WeightedMerge>* log) {
+                         std::vector<WeightedMerge>* log, double* min_margin) {
   while (static_cast<std::int64_t>(slots.size()) > budget) {
     const auto size = static_cast<std::int64_t>(slots.size());
     const auto sink = [&](std::int64_t i) { return slots[static_cast<std::size_t>(i)].token < c.sinks; };
@@ -30,6 +32,17 @@ void weightedkv_compress(std::vector<WeightedSlot>& slots, std::int64_t budget, 
       if (e < 0 || slots[static_cast<std::size_t>(i)].average() < slots[static_cast<std::size_t>(e)].average()) e = i;
     }
     if (e < 0) throw Error(ErrorKind::kInternal, "weightedkv: no slot may be merged (budget check missed a case)");
+    if (min_margin) {  // the victim against the runner-up
+      double second = std::numeric_limits<double>::infinity(), scale = 0;
+      for (std::int64_t i = 0; i < size - c.recent; ++i) {
+        if (sink(i)) continue;
+        const double a = slots[static_cast<std::size_t>(i)].average();
+        scale = std::max(scale, std::abs(a));
+        if (i != e) second = std::min(second, a);
+      }
+      const double gap = second - slots[static_cast<std::size_t>(e)].average();
+      if (std::isfinite(gap)) *min_margin = std::min(*min_margin, gap <= 1e-30 || !(scale > 0) ? 0.0 : gap / scale);
+    }
     // Neighbour in the configured direction; the other side when that one is missing or a sink.
     const auto usable = [&](std::int64_t i) { return i >= 0 && i < size && !sink(i); };
     std::int64_t m = c.merge_next ? e + 1 : e - 1;
@@ -39,6 +52,7 @@ void weightedkv_compress(std::vector<WeightedSlot>& slots, std::int64_t budget, 
     WeightedSlot& into = slots[static_cast<std::size_t>(m)];
     const double ae = victim.average(), am = into.average();
     const double lambda = ae + am > 0 ? ae / (ae + am) : 0.5;  // guard: no attention on either -> plain average
+    if (min_margin && ae + am <= 1e-30) *min_margin = 0.0;
     std::vector<std::pair<std::int64_t, double>> v;
     v.reserve(into.value.size() + victim.value.size());
     for (const auto& [i, w] : into.value) v.emplace_back(i, (1 - lambda) * w);
@@ -94,26 +108,47 @@ WeightedSlot fresh_slot(std::int64_t input, std::int64_t token, std::int64_t pos
 
 }  // namespace
 
+std::vector<WeightedSlot> weightedkv_stream(std::int64_t tokens, std::int64_t budget, const WeightedKVConfig& c,
+                                            const WeightedAttend& attend, double* min_margin) {
+  std::vector<WeightedSlot> slots;
+  std::vector<double> a;
+  for (std::int64_t i = 0; i < tokens; ++i) {
+    slots.push_back(fresh_slot(i, i, i, 1));
+    attend(i, slots, a);
+    for (std::size_t s = 0; s < slots.size(); ++s) {
+      slots[s].S += a[s];
+      slots[s].n += 1;
+    }
+    weightedkv_compress(slots, budget, c, nullptr, min_margin);
+  }
+  return slots;
+}
+
+std::vector<WeightedSlot> weightedkv_oneshot(const VecX& sums, std::int64_t budget, const WeightedKVConfig& c,
+                                             double* min_margin) {
+  const std::int64_t T = sums.size();
+  std::vector<WeightedSlot> slots;
+  for (std::int64_t j = 0; j < T; ++j) {
+    slots.push_back(fresh_slot(j, j, j, 1));
+    slots.back().S = sums[j];
+    slots.back().n = static_cast<double>(T - j);
+  }
+  weightedkv_compress(slots, budget, c, nullptr, min_margin);
+  return slots;
+}
+
 std::vector<WeightedSlot> weightedkv_prefill_slots(const LayerInput& in, int kv, std::int64_t budget,
-                                                   const WeightedKVConfig& c) {
+                                                   const WeightedKVConfig& c, double* min_margin) {
   const std::int64_t T = in.tokens();
   const int q_heads = static_cast<int>(in.q.size()), kv_heads = static_cast<int>(in.k.size());
   const int g = q_heads / kv_heads;
   const MatX& K = in.k[static_cast<std::size_t>(kv)];
-  std::vector<WeightedSlot> slots;
   if (!c.streaming_prefill) {
     // One shot: the prompt's accumulated attention, averaged over the T - j
     // queries that saw token j, then the same drop-and-merge loop.
     std::vector<VecX> acc;
     for (int h = 0; h < q_heads; ++h) acc.push_back(accumulated_attention(in, h, false));
-    const VecX S = group_reduce(acc, kv, q_heads, kv_heads, c.gqa);
-    for (std::int64_t j = 0; j < T; ++j) {
-      slots.push_back(fresh_slot(j, j, j, 1));
-      slots.back().S = S[j];
-      slots.back().n = static_cast<double>(T - j);
-    }
-    weightedkv_compress(slots, budget, c);
-    return slots;
+    return weightedkv_oneshot(group_reduce(acc, kv, q_heads, kv_heads, c.gqa), budget, c, min_margin);
   }
   // Streaming: prompt token i joins the cache, its query (every q head of the
   // group) attends over the cache's keys (original keys: never modified), the
@@ -121,8 +156,7 @@ std::vector<WeightedSlot> weightedkv_prefill_slots(const LayerInput& in, int kv,
   const double scale = 1.0 / std::sqrt(static_cast<double>(K.cols()));
   std::vector<double> group(static_cast<std::size_t>(g));
   std::vector<VecX> probs(static_cast<std::size_t>(g));
-  for (std::int64_t i = 0; i < T; ++i) {
-    slots.push_back(fresh_slot(i, i, i, 1));
+  const auto attend = [&](std::int64_t i, const std::vector<WeightedSlot>& slots, std::vector<double>& out) {
     const auto m = static_cast<Eigen::Index>(slots.size());
     for (int q = 0; q < g; ++q) {
       const auto qrow = in.q[static_cast<std::size_t>(kv * g + q)].row(i);
@@ -130,14 +164,13 @@ std::vector<WeightedSlot> weightedkv_prefill_slots(const LayerInput& in, int kv,
       for (Eigen::Index s = 0; s < m; ++s) logits[s] = scale * qrow.dot(K.row(slots[static_cast<std::size_t>(s)].key));
       probs[static_cast<std::size_t>(q)] = softmax(logits);
     }
+    out.resize(static_cast<std::size_t>(m));
     for (Eigen::Index s = 0; s < m; ++s) {
       for (int q = 0; q < g; ++q) group[static_cast<std::size_t>(q)] = probs[static_cast<std::size_t>(q)][s];
-      slots[static_cast<std::size_t>(s)].S += reduce_group(group, c.gqa);
-      slots[static_cast<std::size_t>(s)].n += 1;
+      out[static_cast<std::size_t>(s)] = reduce_group(group, c.gqa);
     }
-    weightedkv_compress(slots, budget, c);
-  }
-  return slots;
+  };
+  return weightedkv_stream(T, budget, c, attend, min_margin);
 }
 
 WeightedKVDecoder::WeightedKVDecoder(const LayerInput& in, std::vector<std::int64_t> head_budgets,
@@ -213,9 +246,7 @@ std::pair<double, double> WeightedKVDecoder::state(int kv, std::int64_t token) c
   return t < S.size() ? std::make_pair(S[t], n[t]) : std::make_pair(0.0, 0.0);
 }
 
-namespace {
-
-WeightedKVConfig parse_config(const Params& p) {
+WeightedKVConfig weightedkv_config(const Params& p) {
   WeightedKVConfig c;
   c.merge_next = p.choice("neighbour", {"next", "previous"}) == "next";
   c.add_score = p.choice("score_update", {"keep", "add"}) == "add";
@@ -226,9 +257,11 @@ WeightedKVConfig parse_config(const Params& p) {
   return c;
 }
 
+namespace {
+
 class WeightedKV final : public Method {
  public:
-  WeightedKV(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()), c_(parse_config(p)) {}
+  WeightedKV(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()), c_(weightedkv_config(p)) {}
 
   std::string name() const override { return method_name("weightedkv", preset_, params_); }
   // min(B, n) slots after prefill and after every decode step; keys one-hot,
@@ -241,6 +274,22 @@ class WeightedKV final : public Method {
     for (int kv = 0; kv < static_cast<int>(in.k.size()); ++kv)
       plans.push_back(weightedkv_plan(weightedkv_prefill_slots(in, kv, budget, c_), in.tokens()));
     return LayerPlans::uniform(std::move(plans), budget);
+  }
+
+  // Per kv head, the smallest margin of the victim choices prefill made
+  // (scores: zeros, every token stays in some slot's value row).
+  std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans&,
+                                             std::int64_t budget) const override {
+    c_.check_budget(budget);
+    LayerScores out;
+    out.reweights_follow_decisions = true;  // merge order sets the products of lambdas
+    for (int kv = 0; kv < static_cast<int>(in.k.size()); ++kv) {
+      double margin = std::numeric_limits<double>::infinity();
+      weightedkv_prefill_slots(in, kv, budget, c_, &margin);
+      out.per_kv_head.push_back(VecX::Zero(in.tokens()));
+      out.head_margin.push_back(margin);
+    }
+    return out;
   }
 
   std::unique_ptr<DecodePolicy> decoder(const LayerInput& in, const std::vector<std::int64_t>& budgets) const override {

@@ -48,9 +48,33 @@ KVSCOPE_HD float cosine(float dot, float norm2_a, float norm2_b) {
   return c < -1.0f ? -1.0f : c > 1.0f ? 1.0f : c;
 }
 
-/// Gaussian kernel weight exp(-dist2 / (2 sigma^2)) (KVMerger eq. 8 weights).
+/// Gaussian kernel weight exp(-dist2 / (2 sigma^2)) (KVMerger eq. 4 weights);
+/// 1 when dist2 = 0 (the pivot itself, even if 2 sigma^2 underflows) or when
+/// sigma is not positive (every key at the pivot), as ref::kvmerger_weights.
 KVSCOPE_HD float gaussian_weight(float dist2, float sigma) {
-  return expf(-dist2 / (2.0f * sigma * sigma));
+  return dist2 == 0.0f || !(sigma > 0.0f) ? 1.0f : expf(-dist2 / (2.0f * sigma * sigma));
+}
+
+/// Power-of-two exponent e with max_abs * 2^-e in [0.5, 1) (0 for 0): scaling
+/// by 2^-e is exact, so squares of tiny or huge vectors stay representable.
+KVSCOPE_HD int scale_exponent(float max_abs) {
+  int e = 0;
+  if (max_abs > 0.0f && max_abs < INFINITY) frexpf(max_abs, &e);
+  return e;
+}
+
+/// EMS similarity of two items from their unit-normalised rows' cosines:
+/// cos k (keys only) or cos k * cos v (ref::ems_similarity; a zero row has
+/// cosine 0 with everything, so pass 0 for it).
+KVSCOPE_HD float ems_similarity(float cos_k, float cos_v, bool keys_only) {
+  return keys_only ? cos_k : cos_k * cos_v;
+}
+
+/// CaM's merge probability p = clamp(a / denom, 0, 1); 0/0 -> 0, x/0 -> 1
+/// (the NaN/Inf guards of kvpress and the authors' streaming code).
+KVSCOPE_HD float cam_merge_probability(float a, float denom) {
+  const float p = a / denom;
+  return p != p ? 0.0f : p < 0.0f ? 0.0f : p > 1.0f ? 1.0f : p;
 }
 
 /// Rotates the NeoX rotate-half pair (x[i], x[i + d/2]) of a d-dim key by

@@ -17,6 +17,15 @@ namespace kvscope::ref {
 struct LayerScores {
   std::vector<VecX> per_kv_head;               // [kv head] -> T scores (protected entries are ignored)
   std::vector<std::int64_t> protected_tokens;  // ascending; kept in every head, counted in its budget
+  /// Merge methods whose decisions chain (KVMerger: heavy set -> eligible edges
+  /// -> merged edges -> pivots; WeightedKV: one victim per step): per kv head,
+  /// the smallest relative margin of any decision prefill took (0 = an exact
+  /// tie). Empty for score-then-top-k methods. docs/verification.md, "Merge plans".
+  std::vector<double> head_margin{};
+  /// Whether a flipped decision can leave a slot in place with other weights
+  /// (WeightedKV: merge order changes the products of lambdas; KVMerger: no,
+  /// a set's weights depend on the set alone).
+  bool reweights_follow_decisions = false;
 };
 
 class Scorer {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string>
 
@@ -30,8 +31,27 @@ struct SelectionDiff {
 /// (min kept / max evicted candidate score), otherwise a mismatch; without
 /// scores, any difference is a mismatch. `is_protected` (nullable, per token)
 /// excludes protected tokens from the boundary.
+///
+/// Merge plans (every token in some slot, so the kept sets agree): slots are
+/// matched by their sorted tokens, position and count; matched slots may differ
+/// in coefficients by kCoefficientTolerance of the slot's total weight (fp32
+/// merge weights; beyond that a mismatch, unless `reweights_follow_decisions`
+/// and the margin below: KVMerger's flipped decision moves slot boundaries,
+/// positions or counts, never only weights; WeightedKV's merge order can). Any other difference is a mismatch unless
+/// `decision_margin` (the reference's smallest relative margin over the head's
+/// chained merge decisions, ref::LayerScores::head_margin) is <= delta: then
+/// each token whose slot differs counts as a tie, and so does a token kept by
+/// one side only (EMS's zero class, CaM's gate: kept sets follow from chained
+/// decisions there).
 SelectionDiff compare_selection(const Plan& ref, const Plan& opt, const ref::VecX* ref_scores,
-                                std::span<const char> is_protected, double delta);
+                                std::span<const char> is_protected, double delta,
+                                double decision_margin = std::numeric_limits<double>::infinity(),
+                                bool reweights_follow_decisions = false);
+
+/// Plan coefficients computed in fp32 (Gaussian merge weights, WeightedKV's
+/// products of lambdas) agree with the reference within this share of their
+/// slot's total |weight|.
+inline constexpr double kCoefficientTolerance = 1e-3;
 
 struct NumberDiff {
   std::int64_t count = 0;

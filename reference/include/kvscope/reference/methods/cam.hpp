@@ -9,10 +9,47 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
+
+#include "kvscope/core/plan.hpp"
 
 #include "kvscope/reference/registry.hpp"
 
 namespace kvscope::ref {
+
+enum class CamGate { kBernoulli, kAlways, kNever };
+enum class CamDenominator { kMean, kMax };
+enum class CamScore { kCumulative, kDecode, kStep };
+enum class CamPrefill { kSimulate, kEvict, kNone };
+
+struct CamConfig {
+  std::int64_t sinks = 4;
+  std::int64_t window = 16;  // m; 0 = the recent band (B - sinks), lm_eval's merge_budget = recent_budget
+  std::int64_t interval = 1;
+  CamGate gate = CamGate::kBernoulli;
+  std::uint64_t seed = 0;
+  CamDenominator denominator = CamDenominator::kMean;
+  CamScore score = CamScore::kCumulative;
+  CamPrefill prefill = CamPrefill::kSimulate;
+  bool rescale = false;  // truncated window: divide by its actual size (kvpress) instead of m (paper code)
+};
+
+/// The family's parameters resolved (Error(kUsage) on bad values).
+CamConfig cam_config(const Params& p);
+/// Error(kImpossibleBudget) unless budget >= sinks + 1 (room for the arriving token).
+void cam_check_budget(const CamConfig& c, std::int64_t budget);
+
+/// One kv head's simulated prefill (prefill=simulate) given, per prompt token,
+/// the merge probability p it had when evicted (a backend's kernel computes
+/// them; the reference from Ā in double): StreamingLLM's position-only
+/// eviction, the gate u < p with u = cam_uniform, and the value hand-offs.
+/// `margin` is the smallest |u - p| of the draws (+inf when none).
+struct CamStream {
+  Plan plan;
+  double margin = 0;
+};
+CamStream cam_stream(const CamConfig& c, std::int64_t T, std::int64_t budget, int layer, int kv_head,
+                     const std::vector<double>& p_by_token);
 
 FamilyInfo cam_family();
 

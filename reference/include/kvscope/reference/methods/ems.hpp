@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "kvscope/reference/registry.hpp"
@@ -57,7 +58,30 @@ struct EmsResult {
   std::vector<std::int64_t> centre;   // per item: the centre item it merged into, else -1
   std::int64_t window = 0, n_imp = 0, n_tbm = 0, n_irr = 0;  // n_tbm: tokens chosen to merge (some may fall to zero)
   double sparsity = 0, redundancy = 0, share = 0;
+  /// Smallest relative margin of the decisions taken (centre and merge cuts by
+  /// s_GL, the share's rounding, tau, the best centre against the runner-up,
+  /// weights near 0, a cancelling key merge); 0 = a tie; +inf when none.
+  double margin = 0;
 };
+
+/// Assignment of the non-centre candidates to centres (the hot part of a
+/// compression, O(rest x centres x d)): per rest item, in the order given.
+struct EmsAssignment {
+  std::vector<double> best;          // highest similarity to a centre that can take members (-inf: none)
+  std::vector<double> second;        // runner-up among those centres (-inf: none)
+  std::vector<std::int64_t> centre;  // the best centre (earliest in position order on equal similarity),
+                                     // -1 = zero class (no centre can take members, or best < tau)
+  std::vector<double> any;           // highest similarity to any centre (redundancy), -inf: no centre
+};
+/// (rest items, centre items in position order, per centre whether it can take members) -> assignment.
+using EmsAssignFn = std::function<EmsAssignment(const std::vector<std::int64_t>& rest,
+                                                const std::vector<std::int64_t>& centres,
+                                                const std::vector<char>& can_take)>;
+
+/// The reference's assignment in double (ems_similarity over items.K/V).
+EmsAssignment ems_assign(const MatX& K, const MatX& V, const std::vector<std::int64_t>& rest,
+                         const std::vector<std::int64_t>& centres, const std::vector<char>& can_take,
+                         const EmsConfig& c);
 
 /// s_GL = combine(s_Glo / mean(s_Glo), s_Loc / mean(s_Loc)); a component
 /// whose mean is 0 contributes 0. Invariant to positive rescaling of either.
@@ -68,8 +92,10 @@ VecX ems_global_local(const VecX& glo, const VecX& loc, const EmsConfig& c);
 double ems_similarity(const MatX& K, const MatX& V, std::int64_t x, std::int64_t y, EmsSimilarity s);
 
 /// One head's evict-then-merge to `budget` slots (n <= budget: identity).
-/// budget < 0 is Error(kImpossibleBudget).
-EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConfig& c);
+/// budget < 0 is Error(kImpossibleBudget). `assign` (nullable) replaces the
+/// reference's assignment (a backend's kernel); every decision stays here.
+EmsResult ems_compress(const EmsItems& items, std::int64_t budget, const EmsConfig& c,
+                       const EmsAssignFn* assign = nullptr);
 
 /// Prefill scores of kv head g: s_Glo (accumulated attention, trace colsum
 /// when recorded) and s_Loc (window attention of the last obs_window queries),
@@ -79,6 +105,9 @@ void ems_prefill_scores(const LayerInput& in, int kv_head, const EmsConfig& c, V
 /// Parses the `share` parameter: "adaptive" or a fixed share x in [0, 1]
 /// (written as a bare number: ':' separates parameters in a method spec).
 void ems_parse_share(const std::string& text, EmsConfig& c);
+
+/// The family's parameters resolved (Error(kUsage) on bad values).
+EmsConfig ems_config(const Params& p);
 
 FamilyInfo ems_family();
 

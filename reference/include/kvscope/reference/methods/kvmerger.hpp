@@ -48,6 +48,24 @@ double key_cosine(const VecX& a, const VecX& b);
 std::vector<double> kvmerger_weights(const MatX& K, const std::vector<std::int64_t>& set, std::size_t pivot,
                                      const KVMergerConfig& c, double* sigma_out = nullptr);
 
+/// The family's parameters resolved (Error(kUsage) on bad values).
+KVMergerConfig kvmerger_config(const Params& p);
+
+/// The merge decisions of one kv head, shared by every backend: which tokens
+/// are protected (recent band + heavy hitters by `score`) and which adjacent
+/// edges (j, j+1) merge (Algorithm 1's chaining rule; in budget/capped modes
+/// the highest-cosine edges). Inputs are the edge cosines (length T - 1; only
+/// edges between unprotected tokens are read) and the pivot/heavy scores
+/// (length T). Throws Error(kImpossibleBudget) as kvmerger_head_plan.
+struct KVMergerEdges {
+  std::vector<char> merge;                    // T - 1 (empty when T < 2)
+  std::vector<std::int64_t> protected_tokens; // ascending
+  /// Smallest relative margin of these decisions (heavy top-k, edge cosine vs
+  /// eps or vs the rank boundary): differential checks call a differing plan a tie below delta.
+  double margin = 0;
+};
+KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t budget, const KVMergerConfig& c);
+
 /// One kv head's KVMerger plan over the T rows of K with pivot/heavy scores
 /// `score` (length T), for budget B. Throws Error(kImpossibleBudget) in budget
 /// and capped modes when the adjacent unprotected pairs cannot absorb T - B merges.

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -48,17 +49,38 @@ struct WeightedMerge {
   double lambda = 0;  // the victim value's weight
 };
 
+/// The family's parameters resolved (Error(kUsage) on bad values).
+WeightedKVConfig weightedkv_config(const Params& p);
+
 /// Drops and merges while slots.size() > budget (research notes 4.4's loop).
-/// Appends every decision to `log` when given.
+/// Appends every decision to `log` when given. `min_margin` (nullable) is
+/// lowered to the relative margin of every victim choice (runner-up average
+/// minus the lowest, over the candidates' largest |average|; 0 when both
+/// averages of a merge are below 1e-30, where fp32 cannot resolve the weight).
 void weightedkv_compress(std::vector<WeightedSlot>& slots, std::int64_t budget, const WeightedKVConfig& c,
-                         std::vector<WeightedMerge>* log = nullptr);
+                         std::vector<WeightedMerge>* log = nullptr, double* min_margin = nullptr);
+
+/// Group-reduced attention of prompt token i's queries over the key of every
+/// current slot: out.size() == slots.size() on return.
+using WeightedAttend =
+    std::function<void(std::int64_t i, const std::vector<WeightedSlot>& slots, std::vector<double>& out)>;
+
+/// The streaming prefill of one kv head, shared by every backend: token i
+/// joins the cache, `attend` gives its attention over the slots' keys, S and n
+/// update, then the cache is compressed back to `budget`.
+std::vector<WeightedSlot> weightedkv_stream(std::int64_t tokens, std::int64_t budget, const WeightedKVConfig& c,
+                                            const WeightedAttend& attend, double* min_margin = nullptr);
+
+/// The one-shot prefill: slot j starts with S = sums[j] and n = T - j, then compressed.
+std::vector<WeightedSlot> weightedkv_oneshot(const VecX& sums, std::int64_t budget, const WeightedKVConfig& c,
+                                             double* min_margin = nullptr);
 
 /// The plan of `slots` over `inputs` inputs (key coefficient 1 on the key, 0 elsewhere).
 Plan weightedkv_plan(const std::vector<WeightedSlot>& slots, std::int64_t inputs);
 
 /// Prefill of kv head `kv`: the slots left after compressing the prompt to `budget`.
 std::vector<WeightedSlot> weightedkv_prefill_slots(const LayerInput& in, int kv, std::int64_t budget,
-                                                   const WeightedKVConfig& c);
+                                                   const WeightedKVConfig& c, double* min_margin = nullptr);
 
 /// The decode policy: per kv head, S and n per original token; after every
 /// step's attention, drop-and-merge down to the head budget.

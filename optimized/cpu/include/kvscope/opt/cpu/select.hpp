@@ -17,7 +17,8 @@ namespace kvscope::opt::cpu {
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
            std::vector<std::int64_t>& kept);
 
-/// cos(k_j, k_{j+1}) of every adjacent key pair of each kv head: out [kv_heads, T - 1].
+/// cos(k_j, k_{j+1}) of every adjacent key pair of each kv head (math::cosine on
+/// keys scaled by a power of two each, so tiny keys keep their direction): out [kv_heads, T - 1].
 template <class S>
 void adjacent_key_cosine(const LayerShape& s, const S* k, float* out);
 

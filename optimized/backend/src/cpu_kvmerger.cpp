@@ -1,0 +1,105 @@
+// KVMerger prefill on the CPU: the hot quantities are kernels (accumulated
+// attention, adjacent-key cosines, merge-set segmentation with pivots,
+// Gaussian-kernel weights); the decisions (protected recent band and heavy
+// hitters, which edges merge in threshold / budget / capped mode) are the
+// reference's one implementation, ref::kvmerger_edges. The merged cache is
+// built from the plan's CSR rows by apply_ragged_plan like every other plan.
+#include <algorithm>
+
+#include "cpu_families.hpp"
+#include "kvscope/opt/cpu/merging.hpp"
+#include "kvscope/opt/cpu/scores.hpp"
+#include "kvscope/opt/cpu/select.hpp"
+#include "kvscope/reference/methods/kvmerger.hpp"
+
+namespace kvscope::opt {
+namespace {
+
+cpu::Reduce reduce_of(ref::Reduce r) {
+  return r == ref::Reduce::kSum ? cpu::Reduce::kSum : r == ref::Reduce::kMean ? cpu::Reduce::kMean : cpu::Reduce::kMax;
+}
+
+cpu::SigmaMode sigma_of(ref::KVMergerConfig::Sigma s) {
+  return s == ref::KVMergerConfig::Sigma::kFixed     ? cpu::SigmaMode::kFixed
+         : s == ref::KVMergerConfig::Sigma::kLiteral ? cpu::SigmaMode::kLiteral
+                                                     : cpu::SigmaMode::kMeanDistance;
+}
+
+class KVMergerCpu final : public BackendMethod {
+ public:
+  explicit KVMergerCpu(const ref::Params& p) : c_(ref::kvmerger_config(p)) {}
+
+  ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const override {
+    const std::int64_t T = in.shape.tokens;
+    const int hq = in.shape.q_heads, hkv = in.shape.kv_heads, d = in.shape.head_dim;
+    const auto heads = static_cast<std::size_t>(hkv);
+    const int layers = in.meta ? in.meta->layers : 0;
+    if (c_.skipped(in.layer, layers))
+      return ref::LayerPlans::uniform(std::vector<Plan>(heads, Plan::identity(T)), std::max(budget, T));
+    if (T <= budget)  // the budget covers the cache: nothing to compress
+      return ref::LayerPlans::uniform(std::vector<Plan>(heads, Plan::identity(T)), budget);
+
+    // Pivot / heavy-hitter scores: the group's accumulated attention.
+    std::vector<float> acc = in.attn_colsum;
+    std::vector<float> score(static_cast<std::size_t>(hkv * T)), cosine(static_cast<std::size_t>(hkv * std::max<std::int64_t>(T - 1, 0)));
+    cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      if (acc.empty()) {
+        acc.resize(static_cast<std::size_t>(hq * T));
+        cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, acc.data());
+      }
+      cpu::adjacent_key_cosine(in.shape, in.k.data<S>(), cosine.data());
+    });
+    cpu::group_reduce(acc.data(), hq, hkv, T, reduce_of(c_.gqa), score.data());
+
+    std::vector<Plan> plans;
+    std::vector<std::int64_t> begin, pivot, row;
+    std::vector<float> w(static_cast<std::size_t>(T));
+    std::vector<double> ck, cv;
+    for (int g = 0; g < hkv; ++g) {
+      const float* sc = score.data() + static_cast<std::int64_t>(g) * T;
+      const float* co = cosine.data() + static_cast<std::int64_t>(g) * (T - 1);
+      // The decisions, shared with the reference (fp32 -> double is exact, so ranks are unchanged).
+      const ref::VecX s = Eigen::Map<const Eigen::VectorXf>(sc, T).cast<double>();
+      const ref::VecX c = Eigen::Map<const Eigen::VectorXf>(co, std::max<std::int64_t>(T - 1, 0)).cast<double>();
+      const ref::KVMergerEdges edges = ref::kvmerger_edges(c, s, budget, c_);
+      cpu::merge_runs(T, edges.merge.data(), sc, begin, pivot);
+      const auto runs = static_cast<std::int64_t>(pivot.size());
+      cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+        using S = decltype(tag);
+        cpu::gaussian_merge_weights(in.k.data<S>() + static_cast<std::int64_t>(g) * T * d, T, d, begin.data(),
+                                    pivot.data(), runs, sigma_of(c_.sigma_mode), static_cast<float>(c_.sigma), w.data());
+      });
+      Plan p;
+      p.n = T;
+      for (std::int64_t r = 0; r < runs; ++r) {
+        const std::int64_t b = begin[static_cast<std::size_t>(r)], e = begin[static_cast<std::size_t>(r) + 1];
+        if (e - b == 1) {
+          p.add_kept(b);
+          continue;
+        }
+        const double scale = c_.scaled_values ? static_cast<double>(e - b) : 1.0;
+        row.clear();
+        ck.clear();
+        cv.clear();
+        for (std::int64_t j = b; j < e; ++j) {
+          row.push_back(j);
+          ck.push_back(static_cast<double>(w[static_cast<std::size_t>(j)]));
+          cv.push_back(scale * ck.back());
+        }
+        p.add_row(row, ck, cv, pivot[static_cast<std::size_t>(r)], e - b);
+      }
+      plans.push_back(std::move(p));
+    }
+    return ref::LayerPlans::uniform(std::move(plans), budget);
+  }
+
+ private:
+  ref::KVMergerConfig c_;
+};
+
+}  // namespace
+
+std::unique_ptr<BackendMethod> make_cpu_kvmerger(const ref::Params& p) { return std::make_unique<KVMergerCpu>(p); }
+
+}  // namespace kvscope::opt

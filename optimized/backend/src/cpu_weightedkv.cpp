@@ -1,0 +1,86 @@
+// WeightedKV prefill on the CPU. Streaming (the default): the hot part, each
+// prompt query's attention over the current slots (every q head of the group,
+// softmax, group reduction), is the group_slot_attention kernel; the
+// drop-and-merge loop (victim, neighbour, lambda) is the reference's one
+// implementation, ref::weightedkv_stream / weightedkv_compress. One kv head
+// per thread: each head's loop is sequential and independent. One-shot: the
+// accumulated-attention kernel, then the same shared loop. The neighbour value
+// merges are plan rows, built into the cache by apply_ragged_plan.
+#include <exception>
+
+#include "cpu_families.hpp"
+#include "kvscope/opt/cpu/merging.hpp"
+#include "kvscope/opt/cpu/scores.hpp"
+#include "kvscope/reference/methods/weightedkv.hpp"
+
+namespace kvscope::opt {
+namespace {
+
+cpu::Reduce reduce_of(ref::Reduce r) {
+  return r == ref::Reduce::kSum ? cpu::Reduce::kSum : r == ref::Reduce::kMean ? cpu::Reduce::kMean : cpu::Reduce::kMax;
+}
+
+class WeightedKVCpu final : public BackendMethod {
+ public:
+  explicit WeightedKVCpu(const ref::Params& p) : c_(ref::weightedkv_config(p)) {}
+
+  ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const override {
+    c_.check_budget(budget);
+    const std::int64_t T = in.shape.tokens;
+    const int hq = in.shape.q_heads, hkv = in.shape.kv_heads;
+    std::vector<Plan> plans(static_cast<std::size_t>(hkv));
+    if (!c_.streaming_prefill) {
+      std::vector<float> acc = in.attn_colsum, sums(static_cast<std::size_t>(hkv * T));
+      if (acc.empty()) {
+        acc.resize(static_cast<std::size_t>(hq * T));
+        cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+          using S = decltype(tag);
+          cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, acc.data());
+        });
+      }
+      cpu::group_reduce(acc.data(), hq, hkv, T, reduce_of(c_.gqa), sums.data());
+      for (int g = 0; g < hkv; ++g) {
+        const ref::VecX s = Eigen::Map<const Eigen::VectorXf>(sums.data() + static_cast<std::int64_t>(g) * T, T).cast<double>();
+        plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_oneshot(s, budget, c_), T);
+      }
+      return ref::LayerPlans::uniform(std::move(plans), budget);
+    }
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(hkv));
+    cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      const S* q = in.q.data<S>();
+      const S* k = in.k.data<S>();
+#pragma omp parallel for schedule(dynamic, 1)
+      for (int g = 0; g < hkv; ++g) {
+        try {
+          std::vector<std::int64_t> keys;
+          std::vector<float> scratch, probs;
+          const auto attend = [&](std::int64_t i, const std::vector<ref::WeightedSlot>& slots, std::vector<double>& out) {
+            const auto m = static_cast<std::int64_t>(slots.size());
+            keys.resize(static_cast<std::size_t>(m));
+            scratch.resize(static_cast<std::size_t>(m));
+            probs.resize(static_cast<std::size_t>(m));
+            for (std::int64_t s = 0; s < m; ++s) keys[static_cast<std::size_t>(s)] = slots[static_cast<std::size_t>(s)].key;
+            cpu::group_slot_attention(in.shape, q, k, g, i, keys.data(), m, reduce_of(c_.gqa), scratch.data(), probs.data());
+            out.assign(probs.begin(), probs.end());
+          };
+          plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_stream(T, budget, c_, attend), T);
+        } catch (...) {
+          errors[static_cast<std::size_t>(g)] = std::current_exception();
+        }
+      }
+    });
+    for (const std::exception_ptr& e : errors)
+      if (e) std::rethrow_exception(e);
+    return ref::LayerPlans::uniform(std::move(plans), budget);
+  }
+
+ private:
+  ref::WeightedKVConfig c_;
+};
+
+}  // namespace
+
+std::unique_ptr<BackendMethod> make_cpu_weightedkv(const ref::Params& p) { return std::make_unique<WeightedKVCpu>(p); }
+
+}  // namespace kvscope::opt

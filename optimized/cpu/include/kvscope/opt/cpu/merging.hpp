@@ -1,0 +1,46 @@
+// Kernels of the merge families: KVMerger's merge-set segmentation and
+// Gaussian-kernel weights (the weighted sums themselves are CSR rows built by
+// apply_ragged_plan), and WeightedKV's per-step attention of a prompt query
+// over the current slots. fp32 compute over fp32/fp16/bf16 storage. The merge
+// DECISIONS (protection, which edges merge, which slot is dropped) are the
+// reference's (kvscope/reference/methods/kvmerger.hpp, weightedkv.hpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kvscope/opt/cpu/scores.hpp"
+#include "kvscope/opt/cpu/storage.hpp"
+
+namespace kvscope::opt::cpu {
+
+/// Merge sets of one kv head's T tokens: maximal runs joined by merge[j]
+/// (edge j, j+1; T - 1 flags), singletons included. `begin` receives the run
+/// starts plus T (sets + 1 entries), `pivot` each run's argmax of `score`
+/// (lowest index on ties: ref::kvmerger_head_plan's rule).
+void merge_runs(std::int64_t tokens, const char* merge, const float* score, std::vector<std::int64_t>& begin,
+                std::vector<std::int64_t>& pivot);
+
+enum class SigmaMode { kMeanDistance, kFixed, kLiteral };
+
+/// KVMerger Eq. 4 weights (ref::kvmerger_weights) of every token of the runs
+/// [begin[s], begin[s+1]) of one kv head's keys k_head ([T, d]) around their
+/// pivots: w_i = g_i / sum g, g_i = gaussian_weight(|k_pivot - k_i|^2, sigma).
+/// sigma per run: mean distance to the pivot over sqrt 2 (kMeanDistance), the
+/// given `sigma` (kFixed), or Eq. 4's fixed point (kLiteral). Distances are
+/// computed on the differences scaled by a power of two per run (exact), so
+/// keys near fp32's underflow keep their weights. w: [T] (1 for singletons).
+/// One run per thread.
+template <class S>
+void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, const std::int64_t* begin,
+                            const std::int64_t* pivot, std::int64_t runs, SigmaMode mode, float sigma, float* w);
+
+/// WeightedKV's streaming step: the attention of prompt token t's queries of
+/// kv head `kv`'s GQA group over the keys of rows keys[0..m) of that head,
+/// softmax per q head, reduced over the group (sum, mean, max): out[m].
+/// Serial (callers run one kv head per thread); scratch: m floats.
+template <class S>
+void group_slot_attention(const LayerShape& s, const S* q, const S* k, int kv, std::int64_t t,
+                          const std::int64_t* keys, std::int64_t m, Reduce r, float* scratch, float* out);
+
+}  // namespace kvscope::opt::cpu

@@ -1,0 +1,161 @@
+#include "kvscope/opt/cpu/evict_merge.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "instantiate.hpp"
+#include "kvscope/core/kernel_math.hpp"
+
+namespace kvscope::opt::cpu {
+namespace {
+
+/// Row x (d values) as a unit vector in fp32, scaled by a power of two first
+/// (exact) so squares of tiny or huge rows neither underflow nor overflow.
+/// Returns false (and zeros) for a zero row.
+template <class S>
+bool unit_row(const S* x, int d, float* u) {
+  load_row(x, d, u);
+  float m = 0.0f;
+  for (int i = 0; i < d; ++i) m = std::max(m, std::abs(u[i]));
+  const float scale = std::ldexp(1.0f, -math::scale_exponent(m));
+  for (int i = 0; i < d; ++i) u[i] *= scale;
+  const float n2 = dot(u, u, d);
+  if (!(n2 > 0.0f)) {
+    std::fill(u, u + d, 0.0f);
+    return false;
+  }
+  const float inv = 1.0f / std::sqrt(n2);
+  for (int i = 0; i < d; ++i) u[i] *= inv;
+  return true;
+}
+
+}  // namespace
+
+template <class S>
+void centre_assignment(const S* k, const S* v, int head_dim, const std::int64_t* rest, std::int64_t n_rest,
+                       const std::int64_t* centres, std::int64_t n_centres, const char* can_take, bool keys_only,
+                       float tau, float* best, float* second, std::int64_t* centre, float* any) {
+  const int d = head_dim;
+  const auto C = static_cast<std::size_t>(n_centres);
+  // The centres' unit rows, converted once.
+  std::vector<float> uk(C * static_cast<std::size_t>(d)), uv(keys_only ? 0 : C * static_cast<std::size_t>(d));
+  std::vector<char> nzk(C), nzv(C, 1);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t c = 0; c < n_centres; ++c) {
+    const auto cu = static_cast<std::size_t>(c);
+    nzk[cu] = unit_row(k + centres[c] * d, d, &uk[cu * static_cast<std::size_t>(d)]);
+    if (!keys_only) nzv[cu] = unit_row(v + centres[c] * d, d, &uv[cu * static_cast<std::size_t>(d)]);
+  }
+#pragma omp parallel
+  {
+    std::vector<float> xk(static_cast<std::size_t>(d)), xv(static_cast<std::size_t>(d));
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < n_rest; ++i) {
+      const bool zk = !unit_row(k + rest[i] * d, d, xk.data());
+      const bool zv = !keys_only && !unit_row(v + rest[i] * d, d, xv.data());
+      float b = -INFINITY, s2 = -INFINITY, a = -INFINITY;
+      std::int64_t who = -1;
+      for (std::size_t c = 0; c < C; ++c) {
+        const float ck = zk || !nzk[c] ? 0.0f : dot(xk.data(), &uk[c * static_cast<std::size_t>(d)], d);
+        const float cv = keys_only ? 0.0f : zv || !nzv[c] ? 0.0f : dot(xv.data(), &uv[c * static_cast<std::size_t>(d)], d);
+        const float sim = math::ems_similarity(ck, cv, keys_only);
+        a = std::max(a, sim);
+        if (!can_take[c]) continue;
+        if (sim > b) {
+          s2 = b;
+          b = sim;
+          who = centres[c];
+        } else if (sim > s2) {
+          s2 = sim;
+        }
+      }
+      best[i] = b;
+      second[i] = s2;
+      any[i] = a;
+      centre[i] = b < tau ? -1 : who;  // the zero class
+    }
+  }
+}
+
+template <class S>
+void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::int64_t sinks, std::int64_t budget,
+                             std::int64_t width, bool denom_max, CamAttention attention, float* out) {
+  const std::int64_t T = s.tokens;
+  const int d = s.head_dim, G = s.group();
+  std::fill(out, out + static_cast<std::int64_t>(s.kv_heads) * T, 0.0f);
+  if (budget >= T || budget <= sinks || sinks < 0) return;  // nothing evicted (or refused by the caller)
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const std::int64_t recent = budget - sinks, wn = std::min(width, recent);
+  // Cache slot i of query t: the first `sinks` tokens, then the most recent ones.
+  const auto token_at = [&](std::int64_t t, std::int64_t i) { return t + 1 <= budget || i < sinks ? i : i + t + 1 - budget; };
+  const auto cache_len = [&](std::int64_t t) { return std::min(t + 1, budget); };
+  constexpr std::int64_t kBlock = 128;
+  std::vector<float> rows(static_cast<std::size_t>(kBlock * budget)), abar(static_cast<std::size_t>(T));
+  std::vector<float> K(static_cast<std::size_t>(T * d));
+  for (int g = 0; g < s.kv_heads; ++g) {
+    float* p = out + static_cast<std::int64_t>(g) * T;
+    load_row(k + static_cast<std::int64_t>(g) * T * d, T * d, K.data());
+    std::fill(abar.begin(), abar.end(), 0.0f);
+    for (std::int64_t t0 = 0; t0 < T; t0 += kBlock) {
+      const std::int64_t t1 = std::min(T, t0 + kBlock);
+      if (attention != CamAttention::kDecode) {
+        // Each query row (group mean of its q heads' softmax over the cache) by one thread.
+#pragma omp parallel
+        {
+          std::vector<float> qt(static_cast<std::size_t>(d)), logit(static_cast<std::size_t>(budget));
+#pragma omp for schedule(static)
+          for (std::int64_t t = t0; t < t1; ++t) {
+            float* row = &rows[static_cast<std::size_t>((t - t0) * budget)];
+            const std::int64_t n = cache_len(t);
+            std::fill(row, row + n, 0.0f);
+            for (int i = 0; i < G; ++i) {
+              load_row(q + ((static_cast<std::int64_t>(g) * G + i) * T + t) * d, d, qt.data());
+              for (int e = 0; e < d; ++e) qt[static_cast<std::size_t>(e)] *= scale;
+              float m = -INFINITY;
+              for (std::int64_t j = 0; j < n; ++j) {
+                logit[static_cast<std::size_t>(j)] = dot(qt.data(), &K[static_cast<std::size_t>(token_at(t, j) * d)], d);
+                m = std::max(m, logit[static_cast<std::size_t>(j)]);
+              }
+              float sum = 0.0f;
+              for (std::int64_t j = 0; j < n; ++j) {
+                logit[static_cast<std::size_t>(j)] = std::exp(logit[static_cast<std::size_t>(j)] - m);
+                sum += logit[static_cast<std::size_t>(j)];
+              }
+              const float inv = 1.0f / sum;
+              for (std::int64_t j = 0; j < n; ++j) row[j] += logit[static_cast<std::size_t>(j)] * inv / static_cast<float>(G);
+            }
+          }
+        }
+      }
+      // Serially, in query order: the pass of step t sees Ā of the queries before t.
+      for (std::int64_t t = t0; t < t1; ++t) {
+        if (t >= budget) {
+          const std::int64_t e = t - recent;
+          float denom = 0.0f;
+          if (denom_max) {
+            for (std::int64_t j = 0; j < sinks; ++j) denom = std::max(denom, abar[static_cast<std::size_t>(j)]);
+            for (std::int64_t j = e; j <= t; ++j) denom = std::max(denom, abar[static_cast<std::size_t>(j)]);
+          } else {
+            for (std::int64_t j = e + 1; j <= e + wn; ++j) denom += abar[static_cast<std::size_t>(j)] / static_cast<float>(wn);
+          }
+          p[e] = math::cam_merge_probability(abar[static_cast<std::size_t>(e)], denom);
+        }
+        if (attention == CamAttention::kDecode) continue;
+        if (attention == CamAttention::kStep && t > 0)
+          for (std::int64_t j = 0; j < cache_len(t - 1); ++j) abar[static_cast<std::size_t>(token_at(t - 1, j))] = 0.0f;
+        const float* row = &rows[static_cast<std::size_t>((t - t0) * budget)];
+        for (std::int64_t j = 0; j < cache_len(t); ++j) abar[static_cast<std::size_t>(token_at(t, j))] += row[j];
+      }
+    }
+  }
+}
+
+#define KVSCOPE_EVICT_MERGE(S)                                                                                       \
+  template void centre_assignment<S>(const S*, const S*, int, const std::int64_t*, std::int64_t, const std::int64_t*, \
+                                     std::int64_t, const char*, bool, float, float*, float*, std::int64_t*, float*);  \
+  template void cam_merge_probabilities<S>(const LayerShape&, const S*, const S*, std::int64_t, std::int64_t,         \
+                                           std::int64_t, bool, CamAttention, float*);
+KVSCOPE_CPU_INSTANTIATE(KVSCOPE_EVICT_MERGE)
+
+}  // namespace kvscope::opt::cpu

@@ -1,0 +1,139 @@
+#include "kvscope/opt/cpu/merging.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "instantiate.hpp"
+#include "kvscope/core/kernel_math.hpp"
+
+namespace kvscope::opt::cpu {
+
+void merge_runs(std::int64_t tokens, const char* merge, const float* score, std::vector<std::int64_t>& begin,
+                std::vector<std::int64_t>& pivot) {
+  begin.clear();
+  pivot.clear();
+  for (std::int64_t b = 0; b < tokens;) {
+    std::int64_t p = b, e = b + 1;
+    for (; e < tokens && merge[e - 1]; ++e)
+      if (score[e] > score[p]) p = e;
+    begin.push_back(b);
+    pivot.push_back(p);
+    b = e;
+  }
+  begin.push_back(tokens);
+}
+
+template <class S>
+void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, const std::int64_t* begin,
+                            const std::int64_t* pivot, std::int64_t runs, SigmaMode mode, float sigma, float* w) {
+  const int d = head_dim;
+  constexpr float kSqrt2 = 1.41421356237309515f;
+#pragma omp parallel
+  {
+    std::vector<float> kp(static_cast<std::size_t>(d)), ki(static_cast<std::size_t>(d)), dist2;
+#pragma omp for schedule(dynamic, 16)
+    for (std::int64_t s = 0; s < runs; ++s) {
+      const std::int64_t b = begin[s], e = begin[s + 1], m = e - b;
+      if (m == 1) {
+        w[b] = 1.0f;
+        continue;
+      }
+      load_row(k_head + pivot[s] * d, d, kp.data());
+      // Scale exponent of the largest difference: |k_p - k_i|^2 of tiny keys
+      // would underflow in fp32 (the reference's double does not).
+      float max_abs = 0.0f;
+      for (std::int64_t i = b; i < e; ++i) {
+        load_row(k_head + i * d, d, ki.data());
+        for (int c = 0; c < d; ++c) max_abs = std::max(max_abs, std::abs(kp[static_cast<std::size_t>(c)] - ki[static_cast<std::size_t>(c)]));
+      }
+      const int ex = math::scale_exponent(max_abs), h1 = -ex / 2, h2 = -ex - h1;
+      const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);  // 2^-ex in two exact steps
+      dist2.assign(static_cast<std::size_t>(m), 0.0f);
+      for (std::int64_t i = b; i < e; ++i) {
+        load_row(k_head + i * d, d, ki.data());
+        float acc = 0.0f;
+        for (int c = 0; c < d; ++c) {
+          const float x = (kp[static_cast<std::size_t>(c)] - ki[static_cast<std::size_t>(c)]) * f1 * f2;
+          acc += x * x;
+        }
+        dist2[static_cast<std::size_t>(i - b)] = acc;  // |k_p - k_i|^2 * 4^-ex
+      }
+      const float sqrt2m = kSqrt2 * static_cast<float>(m);
+      float sig = 0.0f;  // in the scaled units
+      switch (mode) {
+        case SigmaMode::kMeanDistance: {
+          float sum = 0.0f;
+          for (float x : dist2) sum += std::sqrt(x);
+          sig = sum / sqrt2m;
+          break;
+        }
+        case SigmaMode::kFixed:
+          sig = sigma * f1 * f2;
+          break;
+        case SigmaMode::kLiteral: {
+          // sigma = sum_i g_i(sigma) / (sqrt2 |S|), iterated down from its bound 1/sqrt2.
+          float x = 1.0f / kSqrt2;
+          for (int it = 0; it < 500; ++it) {
+            float sum = 0.0f;
+            for (float d2 : dist2) sum += math::gaussian_weight(d2, x * f1 * f2);
+            const float next = sum / sqrt2m;
+            const bool done = std::abs(next - x) <= 1e-15f * x;
+            x = next;
+            if (done) break;
+          }
+          sig = x * f1 * f2;
+          break;
+        }
+      }
+      float total = 0.0f;
+      for (std::int64_t i = 0; i < m; ++i) {
+        const float g = math::gaussian_weight(dist2[static_cast<std::size_t>(i)], sig);
+        w[b + i] = g;
+        total += g;
+      }
+      for (std::int64_t i = b; i < e; ++i) w[i] /= total;
+    }
+  }
+  (void)tokens;
+}
+
+template <class S>
+void group_slot_attention(const LayerShape& s, const S* q, const S* k, int kv, std::int64_t t,
+                          const std::int64_t* keys, std::int64_t m, Reduce r, float* scratch, float* out) {
+  const std::int64_t T = s.tokens;
+  const int d = s.head_dim, G = s.group();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> qt(static_cast<std::size_t>(d)), kj(static_cast<std::size_t>(d));
+  for (int i = 0; i < G; ++i) {
+    const std::int64_t h = static_cast<std::int64_t>(kv) * G + i;
+    load_row(q + (h * T + t) * d, d, qt.data());
+    for (float& x : qt) x *= scale;
+    float mx = -INFINITY;
+    for (std::int64_t j = 0; j < m; ++j) {
+      load_row(k + (static_cast<std::int64_t>(kv) * T + keys[j]) * d, d, kj.data());
+      scratch[j] = dot(qt.data(), kj.data(), d);
+      mx = std::max(mx, scratch[j]);
+    }
+    float sum = 0.0f;
+    for (std::int64_t j = 0; j < m; ++j) {
+      scratch[j] = std::exp(scratch[j] - mx);
+      sum += scratch[j];
+    }
+    const float inv = 1.0f / sum;
+    for (std::int64_t j = 0; j < m; ++j) {
+      const float p = scratch[j] * inv;
+      out[j] = i == 0 ? p : r == Reduce::kMax ? std::max(out[j], p) : out[j] + p;
+    }
+  }
+  if (r == Reduce::kMean)
+    for (std::int64_t j = 0; j < m; ++j) out[j] /= static_cast<float>(G);
+}
+
+#define KVSCOPE_MERGING(S)                                                                                       \
+  template void gaussian_merge_weights<S>(const S*, std::int64_t, int, const std::int64_t*, const std::int64_t*, \
+                                          std::int64_t, SigmaMode, float, float*);                               \
+  template void group_slot_attention<S>(const LayerShape&, const S*, const S*, int, std::int64_t,               \
+                                        const std::int64_t*, std::int64_t, Reduce, float*, float*);
+KVSCOPE_CPU_INSTANTIATE(KVSCOPE_MERGING)
+
+}  // namespace kvscope::opt::cpu
