@@ -22,7 +22,7 @@ struct VerifyArgs {
   std::string trace;
   std::string backend = "cpu";
   std::string methods;  // default: every family the backend implements
-  std::string budgets = "50%,25%";
+  std::string budgets;  // empty: the repro file's budget, else 50%,25%
   std::string repro_dir = "kvscope-repro";
   int threads = 0;
   bool log_count_bias = false;
@@ -55,8 +55,9 @@ void run_verify_command(VerifyArgs a) {
   const std::optional<traces::ReproInfo> repro = traces::read_repro_info(path);
   if (repro) {  // a repro file names its own case unless told otherwise
     if (a.methods.empty()) a.methods = repro->method;
-    if (a.budgets == "50%,25%") a.budgets = repro->budget;
+    if (a.budgets.empty()) a.budgets = repro->budget;
   }
+  if (a.budgets.empty()) a.budgets = "50%,25%";
   const opt::Backend backend = opt::parse_backend(a.backend);
   if (backend == opt::Backend::kReference)
     throw Error(ErrorKind::kUsage, "verify compares a backend with the reference: --backend cpu (or cuda)");
@@ -84,7 +85,12 @@ void run_verify_command(VerifyArgs a) {
   vo.log_count_bias = a.log_count_bias;
   std::vector<Row> rows;
   for (std::size_t m = 0; m < specs.size(); ++m)
-    for (const Budget& b : budgets) rows.push_back(Row{specs[m].to_string(), b.label()});
+    for (const Budget& b : budgets) {
+      Row r;
+      r.method = specs[m].to_string();
+      r.budget = b.label();
+      rows.push_back(std::move(r));
+    }
   int threads = 0;
   for (int i = 0; i < trace.meta().layers; ++i) {
     const LayerData data = trace.read_layer(i);
@@ -139,7 +145,7 @@ void add_verify(CLI::App& app, Runner& run) {
   c->add_option("trace", args->trace, "trace or repro file (default: the bundled sample trace)");
   c->add_option("--backend", args->backend, "backend to check: cpu | cuda")->capture_default_str();
   c->add_option("--method,-m", args->methods, "comma-separated methods (default: every method the backend has)");
-  c->add_option("--budget,-b", args->budgets, "comma-separated budgets per kv head")->capture_default_str();
+  c->add_option("--budget,-b", args->budgets, "comma-separated budgets per kv head (default: 50%,25%, or a repro file's)");
   c->add_option("--threads", args->threads, "threads of the determinism run (default: OpenMP's)")->check(CLI::NonNegativeNumber);
   c->add_flag("--log-count-bias", args->log_count_bias, "decode attention adds log(count) for merged slots");
   c->add_option("--repro-dir", args->repro_dir, "where failing cases are written")->capture_default_str();

@@ -14,11 +14,7 @@ std::vector<Plan> select_per_head(const LayerScores& scores, std::int64_t tokens
                                   const std::vector<std::int64_t>& head_budgets, const std::string& method,
                                   std::vector<Selection>* selections) {
   const auto& prot = scores.protected_tokens;
-  std::vector<char> is_protected(static_cast<std::size_t>(tokens), 0);
-  for (std::int64_t j : prot) is_protected[static_cast<std::size_t>(j)] = 1;
-  std::vector<std::int64_t> candidates;
-  for (std::int64_t j = 0; j < tokens; ++j)
-    if (!is_protected[static_cast<std::size_t>(j)]) candidates.push_back(j);
+  const std::vector<std::int64_t> candidates = complement(tokens, prot);
 
   std::vector<Plan> plans;
   for (std::size_t h = 0; h < scores.per_kv_head.size(); ++h) {

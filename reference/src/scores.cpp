@@ -113,6 +113,15 @@ std::vector<std::int64_t> index_range(std::int64_t begin, std::int64_t end) {
   return r;
 }
 
+std::vector<std::int64_t> complement(std::int64_t n, std::span<const std::int64_t> excluded) {
+  std::vector<char> out_of(static_cast<std::size_t>(n), 0);
+  for (std::int64_t j : excluded) out_of[static_cast<std::size_t>(j)] = 1;
+  std::vector<std::int64_t> rest;
+  for (std::int64_t j = 0; j < n; ++j)
+    if (!out_of[static_cast<std::size_t>(j)]) rest.push_back(j);
+  return rest;
+}
+
 std::vector<std::int64_t> merge_sorted(std::span<const std::int64_t> a, std::span<const std::int64_t> b) {
   std::vector<std::int64_t> out;
   std::set_union(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(out));

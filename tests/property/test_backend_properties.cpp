@@ -10,22 +10,12 @@
 #include "kvscope/opt/backend.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/verify/harness.hpp"
+#include "kvscope_method_specs.hpp"
 #include "kvscope_random_case.hpp"
 
 using namespace kvscope;
 
 namespace {
-
-std::vector<std::string> cpu_specs() {
-  std::vector<std::string> specs;
-  const std::vector<std::string> cpu = opt::cpu_families();
-  for (const auto& f : ref::method_families()) {
-    if (std::find(cpu.begin(), cpu.end(), f.family) == cpu.end()) continue;
-    specs.push_back(f.family);
-    for (std::size_t i = 1; i < f.presets.size(); ++i) specs.push_back(f.family + "@" + f.presets[i].name);
-  }
-  return specs;
-}
 
 /// The error kind of running `f`, or nullopt when it returns.
 template <class F>
@@ -77,13 +67,12 @@ TEST_P(BackendProperties, CpuMatchesReference) {
   EXPECT_TRUE(ok) << spec;
 }
 
-std::string test_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string s = info.param;
-  for (char& ch : s)
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return s;
+bool has_cpu_backend(const std::string& family) {
+  const std::vector<std::string> cpu = opt::cpu_families();
+  return std::find(cpu.begin(), cpu.end(), family) != cpu.end();
 }
 
-INSTANTIATE_TEST_SUITE_P(CpuMethods, BackendProperties, ::testing::ValuesIn(cpu_specs()), test_name);
+INSTANTIATE_TEST_SUITE_P(CpuMethods, BackendProperties, ::testing::ValuesIn(tests::method_specs(has_cpu_backend)),
+                         tests::spec_test_name);
 
 }  // namespace

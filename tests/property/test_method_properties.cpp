@@ -16,6 +16,7 @@
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/replay.hpp"
+#include "kvscope_method_specs.hpp"
 #include "kvscope_random_case.hpp"
 
 using namespace kvscope;
@@ -44,15 +45,6 @@ bool same_records(const std::vector<replay::StepRecord>& a, const std::vector<re
 }
 
 // Every family with its default preset and each named preset.
-std::vector<std::string> all_specs() {
-  std::vector<std::string> specs;
-  for (const auto& f : ref::method_families()) {
-    specs.push_back(f.family);
-    for (std::size_t i = 1; i < f.presets.size(); ++i) specs.push_back(f.family + "@" + f.presets[i].name);
-  }
-  return specs;
-}
-
 class MethodProperties : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(MethodProperties, BudgetConservationBoundAndDeterminism) {
@@ -84,13 +76,6 @@ TEST_P(MethodProperties, BudgetConservationBoundAndDeterminism) {
   EXPECT_TRUE(ok) << spec;
 }
 
-std::string test_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string s = info.param;
-  for (char& ch : s)
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return s;
-}
-
-INSTANTIATE_TEST_SUITE_P(AllMethods, MethodProperties, ::testing::ValuesIn(all_specs()), test_name);
+INSTANTIATE_TEST_SUITE_P(AllMethods, MethodProperties, ::testing::ValuesIn(tests::method_specs()), tests::spec_test_name);
 
 }  // namespace

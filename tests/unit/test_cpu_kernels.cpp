@@ -16,6 +16,7 @@
 #include "kvscope/opt/cpu/scores.hpp"
 #include "kvscope/opt/cpu/select.hpp"
 #include "kvscope/opt/layer_storage.hpp"
+#include "kvscope/opt/ragged_cache.hpp"
 #include "kvscope/reference/methods/ems.hpp"
 #include "kvscope/reference/methods/kvmerger.hpp"
 #include "kvscope/reference/plan_apply.hpp"
@@ -218,23 +219,10 @@ TEST(CpuKernels, RaggedPlanMatchesApplyPlanAndWritesEveryRow) {
       const Heads k = random_heads(H, T, d, t, 11), v = random_heads(H, T, d, t, 12);
       std::mt19937_64 rng(13);
       std::vector<Plan> plans;
-      std::vector<std::int64_t> offsets{0}, row_ptr{0}, token, rotate;
-      std::vector<float> ck, cv;
-      for (int h = 0; h < H; ++h) {
-        plans.push_back(random_plan(T, rng, rerotated));
-        const Plan& p = plans.back();
-        for (std::int64_t i = 0; i < p.slots(); ++i) {
-          for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
-            token.push_back(p.token[static_cast<std::size_t>(e)]);
-            ck.push_back(static_cast<float>(p.coef_k[static_cast<std::size_t>(e)]));
-            cv.push_back(static_cast<float>(p.coef_v[static_cast<std::size_t>(e)]));
-          }
-          row_ptr.push_back(static_cast<std::int64_t>(token.size()));
-          rotate.push_back(rerotated ? p.position[static_cast<std::size_t>(i)] - p.token[static_cast<std::size_t>(p.row_begin(i))] : 0);
-        }
-        offsets.push_back(offsets.back() + p.slots());
-      }
-      const opt::cpu::RaggedPlan rp{H, offsets.data(), row_ptr.data(), token.data(), ck.data(), cv.data(), rotate.data(), 10000.0};
+      for (int h = 0; h < H; ++h) plans.push_back(random_plan(T, rng, rerotated));
+      const opt::FlatPlans flat = opt::flatten(plans);
+      const std::vector<std::int64_t>& offsets = flat.offsets;
+      const opt::cpu::RaggedPlan rp = flat.view(10000.0);
       opt::StorageBuffer ko(t, offsets.back() * d), vo(t, offsets.back() * d);
       ko.poison();
       vo.poison();

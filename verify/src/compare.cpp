@@ -89,9 +89,7 @@ SelectionDiff compare_selection(const Plan& ref, const Plan& opt, const ref::Vec
                                 std::span<const char> is_protected, double delta, double decision_margin,
                                 bool reweights_follow_decisions) {
   SelectionDiff d;
-  d.plans_equal = ref.n == opt.n && ref.row_ptr == opt.row_ptr && ref.token == opt.token &&
-                  ref.coef_k == opt.coef_k && ref.coef_v == opt.coef_v && ref.position == opt.position &&
-                  ref.count == opt.count && ref.positions == opt.positions;
+  d.plans_equal = ref == opt;
   const std::vector<char> a = kept_mask(ref), b = kept_mask(opt);
   if (ref.n != opt.n) {
     d.mismatches = 1;

@@ -47,13 +47,6 @@ bool same_bits(const opt::StorageBuffer& a, const opt::StorageBuffer& b) {
   return true;
 }
 
-bool same_plans(const ref::LayerPlans& a, const ref::LayerPlans& b) {
-  if (a.head_budgets != b.head_budgets || a.plans.size() != b.plans.size()) return false;
-  for (std::size_t h = 0; h < a.plans.size(); ++h)
-    if (!compare_selection(a.plans[h], b.plans[h], nullptr, {}, 0).plans_equal) return false;
-  return true;
-}
-
 }  // namespace
 
 LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod& backend, const TraceMeta& meta,
@@ -90,7 +83,7 @@ LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod
                                      options.log_count_bias, 1);
   const BackendRun many = run_backend(backend, storage, rp.plans, q, hq, budget, meta.rope_theta,
                                       options.log_count_bias, v.threads);
-  v.deterministic = same_plans(one.plans, many.plans) && same_bits(one.cache.k, many.cache.k) &&
+  v.deterministic = one.plans.plans == many.plans.plans && one.plans.head_budgets == many.plans.head_budgets && same_bits(one.cache.k, many.cache.k) &&
                     same_bits(one.cache.v, many.cache.v) &&
                     std::memcmp(one.out.data(), many.out.data(), one.out.size() * sizeof(float)) == 0;
   if (!v.deterministic) fail("results differ between 1 and " + std::to_string(v.threads) + " threads");

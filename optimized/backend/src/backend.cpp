@@ -38,11 +38,7 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
                                   const std::string& method) {
   const std::int64_t T = scores.tokens;
   const auto& prot = scores.protected_tokens;
-  std::vector<char> is_protected(static_cast<std::size_t>(T), 0);
-  for (std::int64_t j : prot) is_protected[static_cast<std::size_t>(j)] = 1;
-  std::vector<std::int64_t> candidates;
-  for (std::int64_t j = 0; j < T; ++j)
-    if (!is_protected[static_cast<std::size_t>(j)]) candidates.push_back(j);
+  const std::vector<std::int64_t> candidates = ref::complement(T, prot);
   const auto n_prot = static_cast<std::int64_t>(prot.size());
   std::vector<Plan> plans;
   std::vector<std::int64_t> kept;

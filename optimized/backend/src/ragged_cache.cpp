@@ -4,7 +4,6 @@
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/core/kernel_math.hpp"
-#include "kvscope/opt/cpu/ragged.hpp"
 
 namespace kvscope::opt {
 
@@ -14,43 +13,48 @@ std::vector<float> RaggedCache::log_count_bias() const {
   return b;
 }
 
+FlatPlans flatten(const std::vector<Plan>& plans) {
+  FlatPlans f;
+  for (const Plan& p : plans) {
+    for (std::int64_t i = 0; i < p.slots(); ++i) {
+      for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
+        f.token.push_back(p.token[static_cast<std::size_t>(e)]);
+        f.coef_k.push_back(static_cast<float>(p.coef_k[static_cast<std::size_t>(e)]));
+        f.coef_v.push_back(static_cast<float>(p.coef_v[static_cast<std::size_t>(e)]));
+      }
+      f.row_ptr.push_back(static_cast<std::int64_t>(f.token.size()));
+      // A re-rotated slot's key moves from its first token's position to the slot's.
+      const std::int64_t from = p.token[static_cast<std::size_t>(p.row_begin(i))];
+      f.rotate.push_back(p.positions == PositionMode::kRerotated ? p.position[static_cast<std::size_t>(i)] - from : 0);
+      f.count.push_back(p.count[static_cast<std::size_t>(i)]);
+    }
+    f.offsets.push_back(static_cast<std::int64_t>(f.count.size()));
+  }
+  return f;
+}
+
 RaggedCache compact(const LayerStorage& layer, const std::vector<Plan>& plans, double rope_theta, bool poison) {
   const int H = layer.shape.kv_heads, d = layer.shape.head_dim;
   const std::int64_t T = layer.shape.tokens;
   if (static_cast<int>(plans.size()) != H)
     throw Error(ErrorKind::kInternal, "compact: " + std::to_string(plans.size()) + " plans for " + std::to_string(H) +
                                           " kv heads");
+  for (const Plan& p : plans)
+    if (p.n != T) throw Error(ErrorKind::kInternal, "compact: a plan over " + std::to_string(p.n) + " tokens for a " +
+                                                        std::to_string(T) + "-token prefill");
+  FlatPlans flat = flatten(plans);
   RaggedCache c;
   c.heads = H;
   c.head_dim = d;
-  c.offsets.push_back(0);
-  std::vector<std::int64_t> row_ptr{0}, token, rotate;
-  std::vector<float> ck, cv;
-  for (const Plan& p : plans) {
-    if (p.n != T) throw Error(ErrorKind::kInternal, "compact: a plan over " + std::to_string(p.n) + " tokens for a " +
-                                                        std::to_string(T) + "-token prefill");
-    for (std::int64_t i = 0; i < p.slots(); ++i) {
-      for (std::int64_t e = p.row_begin(i); e < p.row_end(i); ++e) {
-        token.push_back(p.token[static_cast<std::size_t>(e)]);
-        ck.push_back(static_cast<float>(p.coef_k[static_cast<std::size_t>(e)]));
-        cv.push_back(static_cast<float>(p.coef_v[static_cast<std::size_t>(e)]));
-      }
-      row_ptr.push_back(static_cast<std::int64_t>(token.size()));
-      // A re-rotated slot's key moves from its first token's position to the slot's.
-      const std::int64_t from = p.token[static_cast<std::size_t>(p.row_begin(i))];
-      rotate.push_back(p.positions == PositionMode::kRerotated ? p.position[static_cast<std::size_t>(i)] - from : 0);
-      c.count.push_back(p.count[static_cast<std::size_t>(i)]);
-    }
-    c.offsets.push_back(static_cast<std::int64_t>(c.count.size()));
-  }
+  c.offsets = flat.offsets;
+  c.count = std::move(flat.count);
   c.k = StorageBuffer(layer.k.dtype(), c.rows() * d);
   c.v = StorageBuffer(layer.v.dtype(), c.rows() * d);
   if (poison) {
     c.k.poison();
     c.v.poison();
   }
-  const cpu::RaggedPlan rp{H, c.offsets.data(), row_ptr.data(), token.data(), ck.data(), cv.data(), rotate.data(),
-                           rope_theta};
+  const cpu::RaggedPlan rp = flat.view(rope_theta);
   cpu::dispatch_storage(layer.k.dtype(), [&](auto tag) {
     using S = decltype(tag);
     cpu::apply_ragged_plan<S>(rp, layer.k.data<S>(), layer.v.data<S>(), T, d, c.k.data<S>(), c.v.data<S>());

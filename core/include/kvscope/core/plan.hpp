@@ -29,6 +29,9 @@ struct Plan {
   std::vector<std::int64_t> count;        // slots
   PositionMode positions = PositionMode::kOriginal;
 
+  /// Identical plans: every field, coefficients bit for bit.
+  bool operator==(const Plan&) const = default;
+
   std::int64_t slots() const { return static_cast<std::int64_t>(row_ptr.size()) - 1; }
   std::int64_t nnz() const { return static_cast<std::int64_t>(token.size()); }
 

@@ -67,6 +67,10 @@ Selection top_k(const VecX& scores, std::span<const std::int64_t> candidates, st
 /// [begin, end) as a candidate list.
 std::vector<std::int64_t> index_range(std::int64_t begin, std::int64_t end);
 
+/// Tokens 0..n-1 not in `excluded` (any order, indices < n), ascending: the
+/// candidates left once protected tokens are set aside.
+std::vector<std::int64_t> complement(std::int64_t n, std::span<const std::int64_t> excluded);
+
 /// Sorted union of two index sets (kept selection plus protected tokens).
 std::vector<std::int64_t> merge_sorted(std::span<const std::int64_t> a, std::span<const std::int64_t> b);
 

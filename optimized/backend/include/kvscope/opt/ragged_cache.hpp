@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kvscope/core/plan.hpp"
+#include "kvscope/opt/cpu/ragged.hpp"
 #include "kvscope/opt/layer_storage.hpp"
 
 namespace kvscope::opt {
@@ -20,6 +21,19 @@ struct RaggedCache {
   /// log(count) per row: the optional logit bias of merged slots.
   std::vector<float> log_count_bias() const;
 };
+
+/// Every kv head's plan concatenated in CSR form: the arrays a cpu::RaggedPlan
+/// views. Slot r's `rotate` is the RoPE shift of a re-rotated slot (its
+/// position minus its first token), else 0.
+struct FlatPlans {
+  std::vector<std::int64_t> offsets{0}, row_ptr{0}, token, rotate, count;
+  std::vector<float> coef_k, coef_v;
+  cpu::RaggedPlan view(double rope_theta) const {
+    return {static_cast<int>(offsets.size()) - 1, offsets.data(), row_ptr.data(), token.data(), coef_k.data(),
+            coef_v.data(), rotate.data(), rope_theta};
+  }
+};
+FlatPlans flatten(const std::vector<Plan>& plans);
 
 /// Applies every kv head's plan (over the layer's T prompt tokens) to its K and V
 /// in the storage dtype: gather, merge and re-rotation in one kernel. With
