@@ -231,7 +231,59 @@ class LayerRun {
   std::vector<std::int64_t> head_budgets_;  // from prefill; the budget law holds each head to its own
 };
 
+/// The runs of a replay, configured before any data is read: unknown methods,
+/// bad parameters and impossible budgets fail here (protected_tokens resolves
+/// the budget), so check_replay_options and run_replay share one validation.
+struct ConfiguredRuns {
+  struct Run {
+    const ref::Method* method;
+    const opt::BackendMethod* backend;
+    std::int64_t budget;
+  };
+  std::vector<std::unique_ptr<ref::Method>> methods;
+  std::vector<std::unique_ptr<opt::BackendMethod>> backends;
+  std::vector<Run> runs;
+  std::vector<RunSummary> summaries;  // one per run, labels filled in
+};
+
+ConfiguredRuns configure_runs(const TraceMeta& meta, const ReplayOptions& options) {
+  if (meta.decode_steps == 0)
+    throw Error(ErrorKind::kUsage, "the trace has no decode steps: replay measures the error of decode-step attention");
+  if (options.methods.empty() || options.budgets.empty())
+    throw Error(ErrorKind::kUsage, "replay needs at least one method and one budget");
+  ConfiguredRuns c;
+  for (const MethodSpec& spec : options.methods) {
+    c.methods.push_back(ref::make_method(spec));
+    if (options.backend == opt::Backend::kCpu)
+      c.backends.push_back(opt::make_cpu_method(spec));
+    else if (options.backend == opt::Backend::kCuda)
+      throw Error(ErrorKind::kUsage, "the cuda backend is not available in this build (no CUDA kernels yet); use "
+                                     "--backend cpu or reference");
+    else
+      c.backends.push_back(nullptr);
+  }
+  for (std::size_t mi = 0; mi < c.methods.size(); ++mi)
+    for (const Budget& b : options.budgets) {
+      const auto& m = c.methods[mi];
+      const std::int64_t tokens = b.resolve(meta.prompt_len);
+      m->protected_tokens(meta.prompt_len, tokens);
+      c.runs.push_back({m.get(), c.backends[mi].get(), tokens});
+      RunSummary s;
+      s.label = options.methods[mi].to_string();
+      s.method = m->name();
+      s.budget = b.label();
+      s.budget_tokens = tokens;
+      s.backend = opt::backend_name(options.backend);
+      s.per_layer_head.resize(static_cast<std::size_t>(meta.layers * meta.q_heads));
+      s.per_step.resize(static_cast<std::size_t>(meta.decode_steps));
+      c.summaries.push_back(std::move(s));
+    }
+  return c;
+}
+
 }  // namespace
+
+void check_replay_options(const TraceMeta& meta, const ReplayOptions& options) { configure_runs(meta, options); }
 
 ReplayResult run_replay(const traces::TraceReader& trace, const ReplayOptions& options, RecordSink* sink,
                         traces::PlanDumpWriter* dump) {
@@ -243,47 +295,9 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
   ReplayResult result;
   result.meta = trace_meta;
   const TraceMeta& meta = result.meta;
-  if (meta.decode_steps == 0)
-    throw Error(ErrorKind::kUsage, "the trace has no decode steps: replay measures the error of decode-step attention");
-  if (options.methods.empty() || options.budgets.empty())
-    throw Error(ErrorKind::kUsage, "replay needs at least one method and one budget");
-
-  // Configure everything before reading data: unknown methods, bad parameters
-  // and impossible budgets fail fast (protected_tokens resolves the budget).
-  std::vector<std::unique_ptr<ref::Method>> methods;
-  std::vector<std::unique_ptr<opt::BackendMethod>> backends;
-  for (const MethodSpec& spec : options.methods) {
-    methods.push_back(ref::make_method(spec));
-    if (options.backend == opt::Backend::kCpu)
-      backends.push_back(opt::make_cpu_method(spec));
-    else if (options.backend == opt::Backend::kCuda)
-      throw Error(ErrorKind::kUsage, "the cuda backend is not available in this build (no CUDA kernels yet); use "
-                                     "--backend cpu or reference");
-    else
-      backends.push_back(nullptr);
-  }
-  struct Run {
-    const ref::Method* method;
-    const opt::BackendMethod* backend;
-    std::int64_t budget;
-  };
-  std::vector<Run> runs;
-  for (std::size_t mi = 0; mi < methods.size(); ++mi)
-    for (const Budget& b : options.budgets) {
-      const auto& m = methods[mi];
-      const std::int64_t tokens = b.resolve(meta.prompt_len);
-      m->protected_tokens(meta.prompt_len, tokens);
-      runs.push_back({m.get(), backends[mi].get(), tokens});
-      RunSummary s;
-      s.label = options.methods[mi].to_string();
-      s.method = m->name();
-      s.budget = b.label();
-      s.budget_tokens = tokens;
-      s.backend = opt::backend_name(options.backend);
-      s.per_layer_head.resize(static_cast<std::size_t>(meta.layers * meta.q_heads));
-      s.per_step.resize(static_cast<std::size_t>(meta.decode_steps));
-      result.runs.push_back(std::move(s));
-    }
+  ConfiguredRuns configured = configure_runs(meta, options);
+  const auto& runs = configured.runs;
+  result.runs = std::move(configured.summaries);
 
   // Layers from a LayerSource did not necessarily pass the reader: same shape
   // and NaN/Inf rules (a linear pass, small next to the attention).
@@ -296,7 +310,7 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
   // Layer-coupled methods see every layer before their first prefill: one
   // extra read of the trace, only when such a method is in the run.
   std::vector<std::unique_ptr<ref::LayerCoupling>> couplings;
-  for (const Run& r : runs) couplings.push_back(r.method->coupling(meta, r.budget));
+  for (const auto& r : runs) couplings.push_back(r.method->coupling(meta, r.budget));
   if (std::any_of(couplings.begin(), couplings.end(), [](const auto& c) { return c != nullptr; }))
     for (int l = 0; l < meta.layers; ++l) {
       const LayerData data = read_checked(l);

@@ -58,38 +58,44 @@ void write_table(std::ostream& os, const ReplayResult& r) {
   }
 }
 
+nlohmann::json trace_json(const TraceMeta& m) {
+  return {{"model", m.model},           {"producer", m.producer},       {"layers", m.layers},
+          {"q_heads", m.q_heads},       {"kv_heads", m.kv_heads},       {"head_dim", m.head_dim},
+          {"prompt_len", m.prompt_len}, {"decode_steps", m.decode_steps}, {"dtype", dtype_name(m.dtype)}};
+}
+
+nlohmann::json run_json(const RunSummary& s, const TraceMeta& m) {
+  nlohmann::json run;
+  run["method"] = s.label;
+  run["resolved"] = s.method;
+  run["budget"] = s.budget;
+  run["budget_tokens"] = s.budget_tokens;
+  run["backend"] = s.backend;
+  run["summary"] = aggregate_json(s.all);
+  run["final_kv_bytes"] = s.final_kv_bytes;
+  run["full_kv_bytes"] = s.full_kv_bytes;
+  run["plans_checked"] = s.plans_checked;
+  run["seconds"] = s.seconds;
+  nlohmann::json grid = nlohmann::json::array();
+  for (int l = 0; l < m.layers; ++l) {
+    nlohmann::json row = nlohmann::json::array();
+    for (int h = 0; h < m.q_heads; ++h)
+      row.push_back(s.per_layer_head[static_cast<std::size_t>(l * m.q_heads + h)].mean_rel_l2());
+    grid.push_back(row);
+  }
+  run["mean_rel_l2_by_layer_head"] = grid;
+  nlohmann::json steps = nlohmann::json::array();
+  for (const Aggregate& a : s.per_step) steps.push_back(a.mean_rel_l2());
+  run["mean_rel_l2_by_step"] = steps;
+  return run;
+}
+
 void write_json(std::ostream& os, const ReplayResult& r) {
-  const TraceMeta& m = r.meta;
   nlohmann::json j;
-  j["trace"] = {{"model", m.model},           {"producer", m.producer},       {"layers", m.layers},
-                {"q_heads", m.q_heads},       {"kv_heads", m.kv_heads},       {"head_dim", m.head_dim},
-                {"prompt_len", m.prompt_len}, {"decode_steps", m.decode_steps}, {"dtype", dtype_name(m.dtype)}};
+  j["trace"] = trace_json(r.meta);
   j["self_check"] = {{"recorded", r.self_check.recorded}, {"max_rel_l2", r.self_check.max_rel_l2}};
   j["runs"] = nlohmann::json::array();
-  for (const RunSummary& s : r.runs) {
-    nlohmann::json run;
-    run["method"] = s.label;
-    run["resolved"] = s.method;
-    run["budget"] = s.budget;
-    run["budget_tokens"] = s.budget_tokens;
-    run["summary"] = aggregate_json(s.all);
-    run["final_kv_bytes"] = s.final_kv_bytes;
-    run["full_kv_bytes"] = s.full_kv_bytes;
-    run["plans_checked"] = s.plans_checked;
-    run["seconds"] = s.seconds;
-    nlohmann::json grid = nlohmann::json::array();
-    for (int l = 0; l < m.layers; ++l) {
-      nlohmann::json row = nlohmann::json::array();
-      for (int h = 0; h < m.q_heads; ++h)
-        row.push_back(s.per_layer_head[static_cast<std::size_t>(l * m.q_heads + h)].mean_rel_l2());
-      grid.push_back(row);
-    }
-    run["mean_rel_l2_by_layer_head"] = grid;
-    nlohmann::json steps = nlohmann::json::array();
-    for (const Aggregate& a : s.per_step) steps.push_back(a.mean_rel_l2());
-    run["mean_rel_l2_by_step"] = steps;
-    j["runs"].push_back(run);
-  }
+  for (const RunSummary& s : r.runs) j["runs"].push_back(run_json(s, r.meta));
   os << j.dump(2) << "\n";
 }
 

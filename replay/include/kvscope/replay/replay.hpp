@@ -81,6 +81,10 @@ struct ReplayResult {
 ReplayResult run_replay(const traces::TraceReader& trace, const ReplayOptions& options,
                         RecordSink* sink = nullptr, traces::PlanDumpWriter* dump = nullptr);
 
+/// The validation run_replay does before reading data (methods, parameters,
+/// budgets, backend, decode steps), alone: throws the same Error.
+void check_replay_options(const TraceMeta& meta, const ReplayOptions& options);
+
 /// Gives layer l's data (called once per layer, in order).
 using LayerSource = std::function<LayerData(int layer)>;
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
 
@@ -14,6 +15,10 @@ namespace kvscope::replay {
 void write_table(std::ostream& os, const ReplayResult& result);
 /// Everything: trace metadata, self-check, each run's summary, per-(layer, head) and per-step means.
 void write_json(std::ostream& os, const ReplayResult& result);
+/// The JSON object of a trace's metadata, and of one run (summary, per-(layer,
+/// head) and per-step means): shared by `replay --format json` and sweep cells.
+nlohmann::json trace_json(const TraceMeta& meta);
+nlohmann::json run_json(const RunSummary& run, const TraceMeta& meta);
 /// One CSV row per (method, budget).
 void write_summary_csv(std::ostream& os, const ReplayResult& result);
 
