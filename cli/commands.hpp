@@ -17,12 +17,14 @@ void add_inspect(CLI::App& app, Runner& run);
 void add_methods(CLI::App& app, Runner& run);
 void add_verify(CLI::App& app, Runner& run);
 void add_sweep(CLI::App& app, Runner& run);
+void add_report(CLI::App& app, Runner& run);
 
 /// Every subcommand, in `kvscope --help` order (main and the CLI fuzzer share this list).
 inline void add_commands(CLI::App& app, Runner& run) {
   add_replay(app, run);
   add_verify(app, run);
   add_sweep(app, run);
+  add_report(app, run);
   add_synth(app, run);
   add_inspect(app, run);
   add_methods(app, run);
