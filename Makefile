@@ -14,10 +14,15 @@ ifneq ($(NVCC),)
 CMAKE_FLAGS += -DCMAKE_CUDA_COMPILER=$(NVCC)
 endif
 
-.PHONY: deps configure build demo test test-sanitize fuzz sample clean bench
+.PHONY: deps python-env configure build demo test test-sanitize fuzz sample clean bench
 
 deps:
 	@scripts/install-deps
+
+# The recorder's venv (.venv: Debian's torch + transformers from PyPI), for the
+# python tests; `make demo` does not need it.
+python-env: deps
+	@scripts/python-env >/dev/null
 
 configure: deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
@@ -28,7 +33,7 @@ build: configure
 demo: build
 	$(BUILD)/cli/kvscope replay --method full,streaming_llm,streaming_llm@kvpress --budget 50%,25%
 
-test: build
+test: build python-env
 	cd $(BUILD) && ctest --output-on-failure -j$(JOBS)
 
 # ASan + UBSan over the whole suite with gcc (no extra packages). -O1 keeps it
@@ -41,7 +46,7 @@ SANITIZE_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_check
   LSAN_OPTIONS=suppressions=$(CURDIR)/fuzz/lsan.supp:print_suppressions=0 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-test-sanitize: deps
+test-sanitize: deps python-env
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVSCOPE_ENABLE_CUDA=OFF \
 	  "-DCMAKE_C_FLAGS=$(SANITIZE_FLAGS)" "-DCMAKE_CXX_FLAGS=$(SANITIZE_FLAGS)" \
 	  "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined" \
