@@ -2,6 +2,7 @@
 // reference over a whole trace, as a pass/fail table (a CI gate for users).
 // A failing (method, budget, layer) writes a repro file and prints the
 // command that replays it.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -10,7 +11,9 @@
 #include "commands.hpp"
 #include "kvscope/core/budget.hpp"
 #include "kvscope/core/error.hpp"
+#include "kvscope/opt/layer_storage.hpp"
 #include "kvscope/reference/registry.hpp"
+#include "kvscope/replay/layer_input.hpp"
 #include "kvscope/traces/repro.hpp"
 #include "kvscope/traces/trace_io.hpp"
 #include "kvscope/verify/harness.hpp"
@@ -91,6 +94,32 @@ void run_verify_command(VerifyArgs a) {
       r.budget = b.label();
       rows.push_back(std::move(r));
     }
+  // Layer-coupled methods (DynamicKV) see every layer on both sides first.
+  std::vector<std::unique_ptr<ref::LayerCoupling>> ref_couplings;
+  std::vector<std::unique_ptr<opt::BackendCoupling>> opt_couplings;
+  for (std::size_t m = 0; m < specs.size(); ++m)
+    for (const Budget& b : budgets) {
+      ref_couplings.push_back(refs[m]->coupling(meta, b.resolve(meta.prompt_len)));
+      opt_couplings.push_back(opts[m]->coupling(meta, b.resolve(meta.prompt_len)));
+    }
+  const auto coupled = std::find_if(ref_couplings.begin(), ref_couplings.end(), [](const auto& c) { return c != nullptr; });
+  if (coupled != ref_couplings.end()) {
+    if (repro)
+      throw Error(ErrorKind::kUsage, "a repro file holds one layer, and the layer-coupled method " +
+                                         specs[static_cast<std::size_t>(coupled - ref_couplings.begin()) / budgets.size()]
+                                             .to_string() +
+                                         " needs every layer: run verify on the original trace");
+    for (int l = 0; l < meta.layers; ++l) {
+      const LayerData data = trace.read_layer(l);
+      const ref::LayerInput in = replay::make_layer_input(meta, l, data);
+      const opt::LayerStorage storage = opt::pack_layer(meta, l, data);
+      for (std::size_t c = 0; c < ref_couplings.size(); ++c) {
+        if (ref_couplings[c]) ref_couplings[c]->observe(in);
+        if (opt_couplings[c]) opt_couplings[c]->observe(storage);
+      }
+    }
+  }
+
   int threads = 0;
   for (int i = 0; i < trace.meta().layers; ++i) {
     const LayerData data = trace.read_layer(i);
@@ -99,7 +128,9 @@ void run_verify_command(VerifyArgs a) {
       for (std::size_t bi = 0; bi < budgets.size(); ++bi) {
         Row& r = rows[m * budgets.size() + bi];
         const std::int64_t tokens = budgets[bi].resolve(meta.prompt_len);
-        const verify::LayerVerdict v = verify::verify_layer(*refs[m], *opts[m], meta, layer, data, tokens, vo);
+        const std::size_t cell = m * budgets.size() + bi;
+        const verify::LayerVerdict v = verify::verify_layer(*refs[m], *opts[m], meta, layer, data, tokens, vo,
+                                                            {ref_couplings[cell].get(), opt_couplings[cell].get()});
         threads = v.threads;
         ++r.layers;
         for (const verify::SelectionDiff& s : v.heads) {

@@ -309,14 +309,27 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
   const std::int64_t row_bytes = 2LL * meta.head_dim * dtype_bytes(meta.dtype);  // one K row + one V row
   // Layer-coupled methods see every layer before their first prefill: one
   // extra read of the trace, only when such a method is in the run.
+  // A backend run's prefill is the backend's, so its first pass is too.
   std::vector<std::unique_ptr<ref::LayerCoupling>> couplings;
-  for (const auto& r : runs) couplings.push_back(r.method->coupling(meta, r.budget));
-  if (std::any_of(couplings.begin(), couplings.end(), [](const auto& c) { return c != nullptr; }))
+  std::vector<std::unique_ptr<opt::BackendCoupling>> backend_couplings;
+  for (const auto& r : runs) {
+    couplings.push_back(r.backend ? nullptr : r.method->coupling(meta, r.budget));
+    backend_couplings.push_back(r.backend ? r.backend->coupling(meta, r.budget) : nullptr);
+  }
+  const auto any = [](const auto& v) { return std::any_of(v.begin(), v.end(), [](const auto& c) { return c != nullptr; }); };
+  if (any(couplings) || any(backend_couplings))
     for (int l = 0; l < meta.layers; ++l) {
       const LayerData data = read_checked(l);
-      const ref::LayerInput in = make_layer_input(meta, l, data);
-      for (auto& c : couplings)
-        if (c) c->observe(in);
+      if (any(couplings)) {
+        const ref::LayerInput in = make_layer_input(meta, l, data);
+        for (auto& c : couplings)
+          if (c) c->observe(in);
+      }
+      if (any(backend_couplings)) {
+        const opt::LayerStorage storage = opt::pack_layer(meta, l, data);
+        for (auto& c : backend_couplings)
+          if (c) c->observe(storage);
+      }
     }
 
   for (int l = 0; l < meta.layers; ++l) {
@@ -329,6 +342,7 @@ ReplayResult run_replay(const TraceMeta& trace_meta, const LayerSource& read_lay
       const auto t0 = std::chrono::steady_clock::now();
       RunSummary& summary = result.runs[r];
       in.coupling = couplings[r].get();
+      if (storage) storage->coupling = backend_couplings[r].get();
       LayerRun run(meta, l, *runs[r].method, runs[r].backend, runs[r].budget, static_cast<int>(r), summary, sink);
       std::vector<HeadCache> caches = run.prefill(in, storage ? &*storage : nullptr, full, dump);
       run.decode(in, full, caches);

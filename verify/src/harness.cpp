@@ -50,7 +50,8 @@ bool same_bits(const opt::StorageBuffer& a, const opt::StorageBuffer& b) {
 }  // namespace
 
 LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod& backend, const TraceMeta& meta,
-                          int layer, const LayerData& data, std::int64_t budget, const VerifyOptions& options) {
+                          int layer, const LayerData& data, std::int64_t budget, const VerifyOptions& options,
+                          const LayerCouplings& couplings) {
   LayerVerdict v;
   v.layer = layer;
   const Tolerance tol = tolerance(meta.dtype);
@@ -61,7 +62,8 @@ LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod
   };
 
   // Reference: plans, the scores they were decided with, caches in double.
-  const ref::LayerInput in = replay::make_layer_input(meta, layer, data);
+  ref::LayerInput in = replay::make_layer_input(meta, layer, data);
+  in.coupling = couplings.reference;
   const ref::LayerPlans rp = reference.prefill(in, budget);
   const std::optional<ref::LayerScores> scores = reference.decision_scores(in, rp, budget);
   std::vector<ref::HeadCache> ref_caches;
@@ -77,7 +79,8 @@ LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod
   }
 
   // Backend, at one thread and at N: the two runs must agree bit for bit.
-  const opt::LayerStorage storage = opt::pack_layer(meta, layer, data);
+  opt::LayerStorage storage = opt::pack_layer(meta, layer, data);
+  storage.coupling = couplings.backend;
   v.threads = options.threads > 0 ? options.threads : omp_get_max_threads();
   const BackendRun one = run_backend(backend, storage, rp.plans, q, hq, budget, meta.rope_theta,
                                      options.log_count_bias, 1);

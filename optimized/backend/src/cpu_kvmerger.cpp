@@ -15,10 +15,6 @@
 namespace kvscope::opt {
 namespace {
 
-cpu::Reduce reduce_of(ref::Reduce r) {
-  return r == ref::Reduce::kSum ? cpu::Reduce::kSum : r == ref::Reduce::kMean ? cpu::Reduce::kMean : cpu::Reduce::kMax;
-}
-
 cpu::SigmaMode sigma_of(ref::KVMergerConfig::Sigma s) {
   return s == ref::KVMergerConfig::Sigma::kFixed     ? cpu::SigmaMode::kFixed
          : s == ref::KVMergerConfig::Sigma::kLiteral ? cpu::SigmaMode::kLiteral
@@ -50,7 +46,7 @@ class KVMergerCpu final : public BackendMethod {
       }
       cpu::adjacent_key_cosine(in.shape, in.k.data<S>(), cosine.data());
     });
-    cpu::group_reduce(acc.data(), hq, hkv, T, reduce_of(c_.gqa), score.data());
+    cpu::group_reduce(acc.data(), hq, hkv, T, to_cpu(c_.gqa), score.data());
 
     std::vector<Plan> plans;
     std::vector<std::int64_t> begin, pivot, row;

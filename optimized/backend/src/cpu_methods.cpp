@@ -16,7 +16,6 @@
 #include "kvscope/reference/registry.hpp"
 
 namespace kvscope::opt {
-namespace {
 
 cpu::Reduce to_cpu(ref::Reduce r) {
   return r == ref::Reduce::kSum ? cpu::Reduce::kSum : r == ref::Reduce::kMean ? cpu::Reduce::kMean : cpu::Reduce::kMax;
@@ -25,6 +24,17 @@ cpu::Pool to_cpu(ref::Pool p) {
   return p == ref::Pool::kNone ? cpu::Pool::kNone : p == ref::Pool::kAvg ? cpu::Pool::kAvg : cpu::Pool::kMax;
 }
 
+std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cpu::Reduce rows) {
+  std::vector<float> out(static_cast<std::size_t>(in.shape.q_heads * in.shape.tokens));
+  cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+    using S = decltype(tag);
+    cpu::window_scores(in.shape, in.q.data<S>(), in.k.data<S>(), window, rows, out.data());
+  });
+  return out;
+}
+
+namespace {
+
 /// Runs `f(q, k)` with the layer's q and k as typed storage pointers.
 template <class F>
 void with_qk(const LayerStorage& in, F&& f) {
@@ -32,13 +42,6 @@ void with_qk(const LayerStorage& in, F&& f) {
     using S = decltype(tag);
     f(in.q.data<S>(), in.k.data<S>());
   });
-}
-
-/// Window scores of every q head, [q_heads, T].
-std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cpu::Reduce rows) {
-  std::vector<float> out(static_cast<std::size_t>(in.shape.q_heads * in.shape.tokens));
-  with_qk(in, [&](const auto* q, const auto* k) { cpu::window_scores(in.shape, q, k, window, rows, out.data()); });
-  return out;
 }
 
 /// SnapKV eq. 1 + pooling + GQA reduction on the CPU (ref::snapkv_scores).
@@ -264,6 +267,7 @@ const std::map<std::string, Maker>& makers() {
       {"weightedkv", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_weightedkv(r.params); }},
       {"ems", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_ems(r.params); }},
       {"cam", [](const MethodSpec& s, const ref::ResolvedSpec& r) { return make_cpu_cam(s, r.params); }},
+      {"dynamickv", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_dynamickv(r.params); }},
   };
   return m;
 }

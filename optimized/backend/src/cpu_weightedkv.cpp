@@ -16,10 +16,6 @@
 namespace kvscope::opt {
 namespace {
 
-cpu::Reduce reduce_of(ref::Reduce r) {
-  return r == ref::Reduce::kSum ? cpu::Reduce::kSum : r == ref::Reduce::kMean ? cpu::Reduce::kMean : cpu::Reduce::kMax;
-}
-
 class WeightedKVCpu final : public BackendMethod {
  public:
   explicit WeightedKVCpu(const ref::Params& p) : c_(ref::weightedkv_config(p)) {}
@@ -38,7 +34,7 @@ class WeightedKVCpu final : public BackendMethod {
           cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, acc.data());
         });
       }
-      cpu::group_reduce(acc.data(), hq, hkv, T, reduce_of(c_.gqa), sums.data());
+      cpu::group_reduce(acc.data(), hq, hkv, T, to_cpu(c_.gqa), sums.data());
       for (int g = 0; g < hkv; ++g) {
         const ref::VecX s = Eigen::Map<const Eigen::VectorXf>(sums.data() + static_cast<std::int64_t>(g) * T, T).cast<double>();
         plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_oneshot(s, budget, c_), T);
@@ -61,7 +57,7 @@ class WeightedKVCpu final : public BackendMethod {
             scratch.resize(static_cast<std::size_t>(m));
             probs.resize(static_cast<std::size_t>(m));
             for (std::int64_t s = 0; s < m; ++s) keys[static_cast<std::size_t>(s)] = slots[static_cast<std::size_t>(s)].key;
-            cpu::group_slot_attention(in.shape, q, k, g, i, keys.data(), m, reduce_of(c_.gqa), scratch.data(), probs.data());
+            cpu::group_slot_attention(in.shape, q, k, g, i, keys.data(), m, to_cpu(c_.gqa), scratch.data(), probs.data());
             out.assign(probs.begin(), probs.end());
           };
           plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_stream(T, budget, c_, attend), T);

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "kvscope/core/error.hpp"
+#include "kvscope/reference/scorer.hpp"
 
 namespace kvscope::ref {
 
@@ -159,42 +160,51 @@ std::vector<VecX> dynamickv_layer_scores(const LayerInput& in, std::int64_t wind
 
 namespace {
 
-struct DynamicKVParams {
-  std::int64_t window = 8;
-  double r_max = 10;
-  std::int64_t kernel = 7;
-  Pool pool = Pool::kAvg;
-  std::int64_t interval = 4;
-  DynamicKVMode mode = DynamicKVMode::kBitFaithful;
-  Reduce group = Reduce::kMean;
-};
+}  // namespace
 
-std::int64_t effective_window(const DynamicKVParams& p, std::int64_t T) { return std::min(p.window, T); }
+DynamicKVConfig dynamickv_config(const Params& p) {
+  DynamicKVConfig c;
+  c.window = p.integer("window", 1);
+  c.r_max = p.real("r_max");
+  if (c.r_max < 0) throw Error(ErrorKind::kUsage, "dynamickv: parameter 'r_max' must be >= 0");
+  c.kernel = p.integer("kernel", 1);
+  if (c.kernel % 2 == 0)
+    throw Error(ErrorKind::kUsage, "dynamickv: parameter 'kernel' must be odd (torch pooling with padding "
+                                   "kernel/2 keeps the length only then), got " + std::to_string(c.kernel));
+  c.pool = p.choice("pooling", {"avg", "max"}) == "avg" ? Pool::kAvg : Pool::kMax;
+  c.interval = p.integer("interval", 1);
+  c.mode = p.choice("mode", {"bit-faithful", "intended"}) == "bit-faithful" ? DynamicKVMode::kBitFaithful
+                                                                             : DynamicKVMode::kIntended;
+  c.group = p.choice("gqa", {"mean", "max"}) == "mean" ? Reduce::kMean : Reduce::kMax;
+  return c;
+}
 
-void require_budget(const DynamicKVParams& p, std::int64_t T, std::int64_t budget) {
-  const std::int64_t w = effective_window(p, T);
+std::int64_t DynamicKVConfig::effective_window(std::int64_t T) const { return std::min(window, T); }
+
+DynamicKVScheduleConfig dynamickv_schedule_config(const DynamicKVConfig& p, int layers, std::int64_t T,
+                                                  std::int64_t budget) {
+  const std::int64_t w = p.effective_window(T);
   if (budget < w)
     throw Error(ErrorKind::kImpossibleBudget,
                 "dynamickv: budget " + std::to_string(budget) + " is smaller than the observation window " +
                     std::to_string(w) + " (window " + std::to_string(p.window) + ", " + std::to_string(T) +
                     " prompt tokens): base = budget - window would be negative");
-}
-
-DynamicKVScheduleConfig schedule_config(const DynamicKVParams& p, int layers, std::int64_t T, std::int64_t budget) {
   DynamicKVScheduleConfig c;
   c.layers = layers;
-  c.window = effective_window(p, T);
-  c.base = budget - c.window;
+  c.window = w;
+  c.base = budget - w;
   c.r_max = p.r_max;
   c.interval = p.interval;
   c.mode = p.mode;
   return c;
 }
 
+namespace {
+
 // The first pass: every layer's per-q-head pooled scores, then the schedule.
 class DynamicKVCoupling final : public LayerCoupling {
  public:
-  DynamicKVCoupling(const DynamicKVParams& p, const TraceMeta& meta, std::int64_t budget)
+  DynamicKVCoupling(const DynamicKVConfig& p, const TraceMeta& meta, std::int64_t budget)
       : p_(p), layers_(meta.layers), budget_(budget) {}
 
   void observe(const LayerInput& in) override {
@@ -206,8 +216,7 @@ class DynamicKVCoupling final : public LayerCoupling {
     if (in.tokens() != T_) throw Error(ErrorKind::kInternal, "dynamickv: layers disagree on the prompt length");
     scores_.push_back(dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool));
     if (static_cast<int>(scores_.size()) == layers_) {
-      require_budget(p_, T_, budget_);
-      schedule_ = dynamickv_schedule(scores_, schedule_config(p_, layers_, T_, budget_));
+      schedule_ = dynamickv_schedule(scores_, dynamickv_schedule_config(p_, layers_, T_, budget_));
       done_ = true;
     }
   }
@@ -218,7 +227,7 @@ class DynamicKVCoupling final : public LayerCoupling {
   const std::vector<VecX>& scores(int layer) const { return scores_[static_cast<std::size_t>(layer)]; }
 
  private:
-  DynamicKVParams p_;
+  DynamicKVConfig p_;
   int layers_;
   std::int64_t budget_;
   std::int64_t T_ = 0;
@@ -229,20 +238,8 @@ class DynamicKVCoupling final : public LayerCoupling {
 
 class DynamicKV final : public Method {
  public:
-  DynamicKV(std::string preset, const Params& p) : preset_(std::move(preset)), params_(p.all()) {
-    p_.window = p.integer("window", 1);
-    p_.r_max = p.real("r_max");
-    if (p_.r_max < 0) throw Error(ErrorKind::kUsage, "dynamickv: parameter 'r_max' must be >= 0");
-    p_.kernel = p.integer("kernel", 1);
-    if (p_.kernel % 2 == 0)
-      throw Error(ErrorKind::kUsage, "dynamickv: parameter 'kernel' must be odd (torch pooling with padding "
-                                     "kernel/2 keeps the length only then), got " + std::to_string(p_.kernel));
-    p_.pool = p.choice("pooling", {"avg", "max"}) == "avg" ? Pool::kAvg : Pool::kMax;
-    p_.interval = p.integer("interval", 1);
-    p_.mode = p.choice("mode", {"bit-faithful", "intended"}) == "bit-faithful" ? DynamicKVMode::kBitFaithful
-                                                                               : DynamicKVMode::kIntended;
-    p_.group = p.choice("gqa", {"mean", "max"}) == "mean" ? Reduce::kMean : Reduce::kMax;
-  }
+  DynamicKV(std::string preset, const Params& p)
+      : preset_(std::move(preset)), params_(p.all()), p_(dynamickv_config(p)) {}
 
   std::string name() const override { return method_name("dynamickv", preset_, params_); }
   Laws laws() const override {
@@ -250,18 +247,43 @@ class DynamicKV final : public Method {
   }
 
   std::unique_ptr<LayerCoupling> coupling(const TraceMeta& meta, std::int64_t budget) const override {
-    require_budget(p_, meta.prompt_len, budget);  // fail before any data is read
+    dynamickv_schedule_config(p_, meta.layers, meta.prompt_len, budget);  // fail before any data is read
     return std::make_unique<DynamicKVCoupling>(p_, meta, budget);
   }
 
   LayerPlans prefill(const LayerInput& in, std::int64_t budget) const override {
-    const std::int64_t T = in.tokens(), w = effective_window(p_, T), Lp = T - w;
-    require_budget(p_, T, budget);
+    std::int64_t kept = 0;
+    const LayerScores s = decide(in, budget, kept);
+    const std::vector<std::int64_t> budgets(in.k.size(), kept);
+    return LayerPlans::uniform(select_per_head(s, in.tokens(), budgets, name()), kept);
+  }
+
+  std::optional<LayerScores> decision_scores(const LayerInput& in, const LayerPlans&,
+                                             std::int64_t budget) const override {
+    std::int64_t kept = 0;
+    return decide(in, budget, kept);
+  }
+
+  std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>&) const override {
+    return nullptr;  // prefill only: decoded tokens are appended
+  }
+
+  std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t /*budget*/) const override {
+    return index_range(n - std::min(p_.window, n), n);
+  }
+
+ private:
+  /// This layer's decision: per kv head the group's mean/max of the pooled
+  /// scores over the past tokens, the window protected, and `kept` = prefix[l]
+  /// + w tokens per head from the schedule.
+  LayerScores decide(const LayerInput& in, std::int64_t budget, std::int64_t& kept) const {
+    const std::int64_t T = in.tokens(), w = p_.effective_window(T), Lp = T - w;
+    const DynamicKVScheduleConfig one_layer = dynamickv_schedule_config(p_, 1, T, budget);
     const auto* cpl = dynamic_cast<const DynamicKVCoupling*>(in.coupling);
     std::vector<VecX> local_scores;
     DynamicKVSchedule local;
-    const DynamicKVSchedule* sched = nullptr;
-    const std::vector<VecX>* scores = nullptr;
+    const DynamicKVSchedule* sched = &local;
+    const std::vector<VecX>* scores = &local_scores;
     if (cpl) {
       if (!cpl->done())
         throw Error(ErrorKind::kUsage, "dynamickv: the layer coupling has not observed every layer yet");
@@ -278,35 +300,24 @@ class DynamicKV final : public Method {
                                            "-layer model needs the layer coupling (Method::coupling, observe() on "
                                            "every layer first; replay does this)");
       local_scores = dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool);
-      local = dynamickv_schedule({local_scores}, schedule_config(p_, 1, T, budget));
-      sched = &local;
-      scores = &local_scores;
+      local = dynamickv_schedule({local_scores}, one_layer);
     }
-    const std::int64_t k = sched->prefix.at(static_cast<std::size_t>(in.layer));
+    kept = sched->prefix.at(static_cast<std::size_t>(in.layer)) + w;
     const int hq = static_cast<int>(in.q.size()), hkv = static_cast<int>(in.k.size());
-    const std::vector<std::int64_t> window = index_range(Lp, T), candidates = index_range(0, Lp);
-    std::vector<Plan> plans;
+    LayerScores out;
+    out.protected_tokens = index_range(Lp, T);
     for (int g = 0; g < hkv; ++g) {
       // The authors select per q head (repeat_kv); a kv-head plan takes the group's mean or max.
-      const VecX s = group_reduce(*scores, g, hq, hkv, p_.group);
-      const Selection sel = top_k(s, candidates, k);
-      plans.push_back(Plan::keep(T, merge_sorted(sel.kept, window)));
+      VecX s = VecX::Zero(T);
+      s.head(Lp) = group_reduce(*scores, g, hq, hkv, p_.group);
+      out.per_kv_head.push_back(std::move(s));
     }
-    return LayerPlans::uniform(std::move(plans), k + w);
+    return out;
   }
 
-  std::unique_ptr<DecodePolicy> decoder(const LayerInput&, const std::vector<std::int64_t>&) const override {
-    return nullptr;  // prefill only: decoded tokens are appended
-  }
-
-  std::vector<std::int64_t> protected_tokens(std::int64_t n, std::int64_t /*budget*/) const override {
-    return index_range(n - std::min(p_.window, n), n);
-  }
-
- private:
   std::string preset_;
   std::map<std::string, std::string> params_;
-  DynamicKVParams p_;
+  DynamicKVConfig p_;
 };
 
 }  // namespace

@@ -37,11 +37,19 @@ struct VerifyOptions {
   bool log_count_bias = false;
 };
 
+/// The first-pass state of a layer-coupled method (DynamicKV) on each side,
+/// built by observing every layer of the trace before the first verify_layer.
+struct LayerCouplings {
+  const ref::LayerCoupling* reference = nullptr;
+  const opt::BackendCoupling* backend = nullptr;
+};
+
 /// Checks one layer. Numbers are compared on the reference's plans (so a tie
 /// decided differently cannot hide or fake a numeric error); selections on
 /// the backend's own plans. The decode query is the trace's first decode
 /// query of every q head (the last prefill query when S = 0).
 LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod& backend, const TraceMeta& meta,
-                          int layer, const LayerData& data, std::int64_t budget, const VerifyOptions& options = {});
+                          int layer, const LayerData& data, std::int64_t budget, const VerifyOptions& options = {},
+                          const LayerCouplings& couplings = {});
 
 }  // namespace kvscope::verify

@@ -41,9 +41,22 @@ class BackendScorer {
   virtual ScoreSet score(const LayerStorage& in, std::int64_t budget) const = 0;
 };
 
+/// The first pass of a layer-coupled method on a backend (ref::LayerCoupling's
+/// twin): observe() sees every layer's storage, in layer order, before the
+/// first prefill, which then finds it in LayerStorage::coupling.
+class BackendCoupling {
+ public:
+  virtual ~BackendCoupling() = default;
+  virtual void observe(const LayerStorage& in) = 0;
+};
+
 class BackendMethod {
  public:
   virtual ~BackendMethod() = default;
+  /// First-pass state for layer-coupled methods (DynamicKV), else nullptr.
+  virtual std::unique_ptr<BackendCoupling> coupling(const TraceMeta& /*meta*/, std::int64_t /*budget*/) const {
+    return nullptr;
+  }
   /// One plan per kv head and the budget each answers to (ref::Method::prefill's contract).
   virtual ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const = 0;
   /// The scorer of score-then-top-k methods (AdaKV wraps it), else nullptr.

@@ -11,6 +11,8 @@
 
 namespace kvscope::opt {
 
+class BackendCoupling;
+
 /// A buffer of one storage dtype (one vector per type keeps the element types honest).
 class StorageBuffer {
  public:
@@ -44,6 +46,8 @@ struct LayerStorage {
   cpu::LayerShape shape;           // prefill: q [q_heads, T, d], k and v [kv_heads, T, d]
   StorageBuffer q, k, v;
   std::vector<float> attn_colsum;  // [q_heads, T], empty when the trace has none
+  /// The method's own first-pass state (BackendMethod::coupling), or nullptr.
+  const BackendCoupling* coupling = nullptr;
 };
 
 /// The prefill part of a layer in the trace's storage dtype.

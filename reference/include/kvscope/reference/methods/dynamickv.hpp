@@ -22,6 +22,21 @@ enum class DynamicKVMode {
   kIntended,     // an update never gives a layer more than it still holds (<= Bmax)
 };
 
+/// The family's parameters, resolved (docs/algorithms/dynamickv.md).
+struct DynamicKVConfig {
+  std::int64_t window = 8;  // observation window w (clamped to T where used)
+  double r_max = 10;
+  std::int64_t kernel = 7;  // pooling kernel (odd)
+  Pool pool = Pool::kAvg;
+  std::int64_t interval = 4;
+  DynamicKVMode mode = DynamicKVMode::kBitFaithful;
+  Reduce group = Reduce::kMean;  // q heads -> kv head
+  std::int64_t effective_window(std::int64_t T) const;
+};
+
+/// Parses and checks the parameters (registry-resolved spec).
+DynamicKVConfig dynamickv_config(const Params& p);
+
 /// Everything the budget schedule needs besides the scores.
 struct DynamicKVScheduleConfig {
   int layers = 1;               // L, all layers of the model
@@ -69,6 +84,11 @@ struct DynamicKVSchedule {
 /// that sum_j B_j = b L, and the slice k_cache[:, :, :B_j] ++ window. Ties in
 /// the global top-k go to the lower flat index (layer, head, token).
 DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c);
+
+/// The schedule's configuration for an L-layer model with T prompt tokens at
+/// `budget` per head; Error(kImpossibleBudget) when budget < the window.
+DynamicKVScheduleConfig dynamickv_schedule_config(const DynamicKVConfig& c, int layers, std::int64_t T,
+                                                  std::int64_t budget);
 
 /// Python's float floor division a // b (CPython float_floor_div), for tests.
 double python_floordiv(double a, double b);
