@@ -72,7 +72,7 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	@scripts/install-deps fuzz
 	cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVSCOPE_ENABLE_CUDA=OFF -DKVSCOPE_BUILD_TESTS=ON \
-	  -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 -DKVSCOPE_FUZZ=ON
+	  -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 -DKVSCOPE_FUZZ=ON -DKVSCOPE_ENABLE_MPI=OFF
 	cmake --build $(FUZZ_BUILD) -j$(JOBS) --target kvscope_fuzz_all
 	fuzz/run-fuzz $(FUZZ_BUILD) $(FUZZ_SECONDS)
 

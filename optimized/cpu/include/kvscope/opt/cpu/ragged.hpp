@@ -12,20 +12,7 @@
 
 namespace kvscope::opt::cpu {
 
-/// A plan for every kv head, concatenated. Slot r (global, 0..offsets[H]) has
-/// entries [row_ptr[r], row_ptr[r+1]) of token/coef_k/coef_v; its tokens index
-/// its own head's rows. `rotate` (nullable) is, per slot, the RoPE shift in
-/// positions applied to the merged key (re-rotated caches), 0 = none.
-struct RaggedPlan {
-  int heads = 0;
-  const std::int64_t* offsets = nullptr;  // heads + 1
-  const std::int64_t* row_ptr = nullptr;  // offsets[heads] + 1
-  const std::int64_t* token = nullptr;
-  const float* coef_k = nullptr;
-  const float* coef_v = nullptr;
-  const std::int64_t* rotate = nullptr;
-  double rope_theta = 10000.0;
-};
+using kern::RaggedPlan;  // core/kernel_types.hpp
 
 /// K'/V' rows of every slot from k, v ([heads, tokens, d]); fp32 accumulation,
 /// one rounding to S on store. k_out, v_out: [offsets[heads], d].

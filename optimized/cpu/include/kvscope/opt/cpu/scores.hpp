@@ -10,8 +10,8 @@
 
 namespace kvscope::opt::cpu {
 
-enum class Reduce { kSum, kMean, kMax };
-enum class Pool { kNone, kAvg, kMax };
+using kern::Pool;
+using kern::Reduce;
 
 /// Per q head h and key j: the sum / mean / max over the last `window` queries
 /// (clamped to T) of softmax(q_i . k_j / sqrt(d)), causal inside the window.

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kvscope/core/dtype.hpp"
+#include "kvscope/core/kernel_types.hpp"
 
 namespace kvscope::opt::cpu {
 
@@ -41,15 +42,7 @@ decltype(auto) dispatch_storage(DType t, F&& f) {
   return f(float{});
 }
 
-/// Shapes of one layer as the kernels see it: q [q_heads, tokens, d],
-/// k and v [kv_heads, tokens, d], row-major and contiguous.
-struct LayerShape {
-  int q_heads = 0;
-  int kv_heads = 0;
-  int head_dim = 0;
-  std::int64_t tokens = 0;
-  int group() const { return kv_heads > 0 ? q_heads / kv_heads : 0; }
-};
+using kern::LayerShape;
 
 /// fp32 dot product; `omp simd` lets the compiler vectorise the reduction in
 /// a fixed order (the same result on every run and thread count).
