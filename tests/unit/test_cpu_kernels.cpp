@@ -357,7 +357,7 @@ TEST(CpuKernels, GaussianMergeWeightsMatchKVMergerWeightsInEveryMode) {
     }
 }
 
-TEST(CpuKernels, GroupSlotAttentionIsTheGroupsSoftmaxOverTheSlots) {
+TEST(CpuKernels, GroupBlockLogitsThenSlotSoftmaxIsTheGroupsSoftmaxOverTheSlots) {
   const std::int64_t T = 40;
   const int d = 32, hq = 6, hkv = 2;
   const std::vector<std::int64_t> keys = {0, 3, 4, 17, 20, 21, 33};
@@ -368,12 +368,18 @@ TEST(CpuKernels, GroupSlotAttentionIsTheGroupsSoftmaxOverTheSlots) {
       const opt::cpu::LayerShape s{hq, hkv, d, T};
       const auto cr = r == ref::Reduce::kSum ? opt::cpu::Reduce::kSum : r == ref::Reduce::kMean ? opt::cpu::Reduce::kMean : opt::cpu::Reduce::kMax;
       for (int g = 0; g < hkv; ++g) {
+        // Query 36 inside the block of prompt queries [32, 40); its logit rows are NaN-poisoned first.
+        const std::int64_t t0 = 32, n = T - t0;
         std::vector<float> scratch(static_cast<std::size_t>(m)), out(static_cast<std::size_t>(m), std::nanf(""));
+        std::vector<float> K(static_cast<std::size_t>(T * d)), logits(static_cast<std::size_t>(3 * n * T), std::nanf(""));
         opt::cpu::dispatch_storage(t, [&](auto tag) {
           using S = decltype(tag);
-          opt::cpu::group_slot_attention(s, q.storage.data<S>(), k.storage.data<S>(), g, 36, keys.data(), m, cr,
-                                         scratch.data(), out.data());
+          opt::cpu::load_row(k.storage.data<S>() + static_cast<std::int64_t>(g) * T * d, T * d, K.data());
+          opt::cpu::group_block_logits(s, q.storage.data<S>(), K.data(), g, t0, n, logits.data());
         });
+        for (float x : logits) ASSERT_FALSE(std::isnan(x)) << "block logits leave an entry unwritten";
+        opt::cpu::group_slot_softmax(&logits[static_cast<std::size_t>((36 - t0) * T)], n * T, 3, keys.data(), m, cr,
+                                     scratch.data(), out.data());
         std::vector<VecX> per_q;
         for (int h = 0; h < hq; ++h) {
           const MatX& K = k.mats[static_cast<std::size_t>(h / 3)];

@@ -40,14 +40,11 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
   const auto& prot = scores.protected_tokens;
   const std::vector<std::int64_t> candidates = ref::complement(T, prot);
   const auto n_prot = static_cast<std::int64_t>(prot.size());
-  std::vector<Plan> plans;
-  std::vector<std::int64_t> kept;
+  // Every head is checked first, in order (the first bad head names the
+  // error); then the heads' top-k run in parallel, one head per thread.
   for (int h = 0; h < scores.heads; ++h) {
     const std::int64_t budget = head_budgets[static_cast<std::size_t>(h)];
-    if (budget >= T) {
-      plans.push_back(Plan::identity(T));
-      continue;
-    }
+    if (budget >= T) continue;
     if (budget < n_prot)
       throw Error(ErrorKind::kImpossibleBudget, method + ": budget " + std::to_string(budget) + " of kv head " +
                                                     std::to_string(h) + " cannot hold its " + std::to_string(n_prot) +
@@ -56,8 +53,21 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
       if (std::isnan(scores.head(h)[j]))
         throw Error(ErrorKind::kBadNumber, method + ": score of token " + std::to_string(j) + " of kv head " +
                                                std::to_string(h) + " is NaN");
-    cpu::top_k(scores.head(h), candidates, budget - n_prot, kept);
-    plans.push_back(Plan::keep(T, ref::merge_sorted(kept, prot)));
+  }
+  std::vector<Plan> plans(static_cast<std::size_t>(scores.heads));
+#pragma omp parallel
+  {
+    std::vector<std::int64_t> kept;
+#pragma omp for schedule(dynamic, 1)
+    for (int h = 0; h < scores.heads; ++h) {
+      const std::int64_t budget = head_budgets[static_cast<std::size_t>(h)];
+      if (budget >= T) {
+        plans[static_cast<std::size_t>(h)] = Plan::identity(T);
+        continue;
+      }
+      cpu::top_k(scores.head(h), candidates, budget - n_prot, kept);
+      plans[static_cast<std::size_t>(h)] = Plan::keep(T, ref::merge_sorted(kept, prot));
+    }
   }
   return plans;
 }

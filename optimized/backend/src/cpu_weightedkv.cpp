@@ -6,6 +6,7 @@
 // per thread: each head's loop is sequential and independent. One-shot: the
 // accumulated-attention kernel, then the same shared loop. The neighbour value
 // merges are plan rows, built into the cache by apply_ragged_plan.
+#include <algorithm>
 #include <exception>
 
 #include "cpu_families.hpp"
@@ -16,6 +17,9 @@
 namespace kvscope::opt {
 namespace {
 
+/// Prompt queries whose logits one GEMM computes (streaming prefill).
+constexpr std::int64_t kQueryBlock = 64;
+
 class WeightedKVCpu final : public BackendMethod {
  public:
   explicit WeightedKVCpu(const ref::Params& p) : c_(ref::weightedkv_config(p)) {}
@@ -23,7 +27,7 @@ class WeightedKVCpu final : public BackendMethod {
   ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const override {
     c_.check_budget(budget);
     const std::int64_t T = in.shape.tokens;
-    const int hq = in.shape.q_heads, hkv = in.shape.kv_heads;
+    const int hq = in.shape.q_heads, hkv = in.shape.kv_heads, d = in.shape.head_dim, G = in.shape.group();
     std::vector<Plan> plans(static_cast<std::size_t>(hkv));
     if (!c_.streaming_prefill) {
       std::vector<float> acc = in.attn_colsum, sums(static_cast<std::size_t>(hkv * T));
@@ -49,15 +53,27 @@ class WeightedKVCpu final : public BackendMethod {
 #pragma omp parallel for schedule(dynamic, 1)
       for (int g = 0; g < hkv; ++g) {
         try {
+          // The head's keys in fp32 once; the logits of each block of prompt
+          // queries by one GEMM when the loop reaches it (steps come in order).
+          std::vector<float> K(static_cast<std::size_t>(T * d)), logits;
+          cpu::load_row(k + static_cast<std::int64_t>(g) * T * d, T * d, K.data());
+          std::int64_t t0 = 0, n = 0;
           std::vector<std::int64_t> keys;
           std::vector<float> scratch, probs;
           const auto attend = [&](std::int64_t i, const std::vector<ref::WeightedSlot>& slots, std::vector<double>& out) {
+            if (i < t0 || i >= t0 + n) {
+              t0 = i;
+              n = std::min(kQueryBlock, T - i);
+              logits.resize(static_cast<std::size_t>(G * n * (t0 + n)));
+              cpu::group_block_logits(in.shape, q, K.data(), g, t0, n, logits.data());
+            }
             const auto m = static_cast<std::int64_t>(slots.size());
             keys.resize(static_cast<std::size_t>(m));
             scratch.resize(static_cast<std::size_t>(m));
             probs.resize(static_cast<std::size_t>(m));
             for (std::int64_t s = 0; s < m; ++s) keys[static_cast<std::size_t>(s)] = slots[static_cast<std::size_t>(s)].key;
-            cpu::group_slot_attention(in.shape, q, k, g, i, keys.data(), m, to_cpu(c_.gqa), scratch.data(), probs.data());
+            cpu::group_slot_softmax(&logits[static_cast<std::size_t>((i - t0) * (t0 + n))], n * (t0 + n), G, keys.data(),
+                                    m, to_cpu(c_.gqa), scratch.data(), probs.data());
             out.assign(probs.begin(), probs.end());
           };
           plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_stream(T, budget, c_, attend), T);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "qk_blocks.hpp"
 #include "instantiate.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
@@ -90,40 +91,52 @@ void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::i
   // Cache slot i of query t: the first `sinks` tokens, then the most recent ones.
   const auto token_at = [&](std::int64_t t, std::int64_t i) { return t + 1 <= budget || i < sinks ? i : i + t + 1 - budget; };
   const auto cache_len = [&](std::int64_t t) { return std::min(t + 1, budget); };
+  // Query t's cache is [0, min(sinks, t + 1)) + [window_start(t), t]: the sink
+  // columns and one contiguous key range per block of queries, so each block's
+  // logits are two GEMMs; the slots of each query are then gathered from them.
+  const auto window_start = [&](std::int64_t t) { return std::max(sinks, t + 1 - recent); };
   constexpr std::int64_t kBlock = 128;
+  const std::int64_t max_cols = sinks + recent + kBlock;
   std::vector<float> rows(static_cast<std::size_t>(kBlock * budget)), abar(static_cast<std::size_t>(T));
-  std::vector<float> K(static_cast<std::size_t>(T * d));
+  std::vector<float> K(static_cast<std::size_t>(T * d)), Q(static_cast<std::size_t>(G * kBlock * d)),
+      L(static_cast<std::size_t>(G * kBlock * max_cols));
   for (int g = 0; g < s.kv_heads; ++g) {
     float* p = out + static_cast<std::int64_t>(g) * T;
     load_row(k + static_cast<std::int64_t>(g) * T * d, T * d, K.data());
     std::fill(abar.begin(), abar.end(), 0.0f);
     for (std::int64_t t0 = 0; t0 < T; t0 += kBlock) {
-      const std::int64_t t1 = std::min(T, t0 + kBlock);
+      const std::int64_t t1 = std::min(T, t0 + kBlock), nb = t1 - t0;
       if (attention != CamAttention::kDecode) {
-        // Each query row (group mean of its q heads' softmax over the cache) by one thread.
+        const std::int64_t ns = std::min(sinks, t1), lo = std::min(window_start(t0), t1), cols = ns + (t1 - lo);
+        const std::int64_t R = G * nb, key_blocks = (t1 - lo + detail::kKeyBlock - 1) / detail::kKeyBlock;
+        for (int i = 0; i < G; ++i)
+          detail::load_rows(q, static_cast<std::int64_t>(g) * G + i, T, d, t0, nb, scale, &Q[static_cast<std::size_t>(i * nb * d)]);
 #pragma omp parallel
         {
-          std::vector<float> qt(static_cast<std::size_t>(d)), logit(static_cast<std::size_t>(budget));
+          // Item 0: the sink columns; item b > 0: window key block b - 1.
+#pragma omp for schedule(static)
+          for (std::int64_t b = 0; b <= key_blocks; ++b) {
+            if (b == 0) {
+              if (ns > 0) detail::gemm_qkt(Q.data(), R, K.data(), ns, d, L.data(), cols);
+              continue;
+            }
+            const std::int64_t j0 = lo + (b - 1) * detail::kKeyBlock, n = std::min(detail::kKeyBlock, t1 - j0);
+            detail::gemm_qkt(Q.data(), R, &K[static_cast<std::size_t>(j0 * d)], n, d, &L[static_cast<std::size_t>(ns + j0 - lo)], cols);
+          }
+          // Each query row (group mean of its q heads' softmax over the cache) by one thread.
+          std::vector<float> logit(static_cast<std::size_t>(budget));
 #pragma omp for schedule(static)
           for (std::int64_t t = t0; t < t1; ++t) {
             float* row = &rows[static_cast<std::size_t>((t - t0) * budget)];
-            const std::int64_t n = cache_len(t);
+            const std::int64_t n = cache_len(t), n_sinks = std::min(sinks, t + 1), ws = window_start(t),
+                               n_window = std::max<std::int64_t>(0, t + 1 - ws);
             std::fill(row, row + n, 0.0f);
             for (int i = 0; i < G; ++i) {
-              load_row(q + ((static_cast<std::int64_t>(g) * G + i) * T + t) * d, d, qt.data());
-              for (int e = 0; e < d; ++e) qt[static_cast<std::size_t>(e)] *= scale;
-              float m = -INFINITY;
-              for (std::int64_t j = 0; j < n; ++j) {
-                logit[static_cast<std::size_t>(j)] = dot(qt.data(), &K[static_cast<std::size_t>(token_at(t, j) * d)], d);
-                m = std::max(m, logit[static_cast<std::size_t>(j)]);
-              }
-              float sum = 0.0f;
-              for (std::int64_t j = 0; j < n; ++j) {
-                logit[static_cast<std::size_t>(j)] = std::exp(logit[static_cast<std::size_t>(j)] - m);
-                sum += logit[static_cast<std::size_t>(j)];
-              }
-              const float inv = 1.0f / sum;
-              for (std::int64_t j = 0; j < n; ++j) row[j] += logit[static_cast<std::size_t>(j)] * inv / static_cast<float>(G);
+              const float* l = &L[static_cast<std::size_t>((i * nb + t - t0) * cols)];
+              std::copy(l, l + n_sinks, logit.data());
+              std::copy(l + ns + (ws - lo), l + ns + (ws - lo) + n_window, logit.data() + n_sinks);
+              detail::softmax_inplace(logit.data(), n);
+              for (std::int64_t j = 0; j < n; ++j) row[j] += logit[static_cast<std::size_t>(j)] / static_cast<float>(G);
             }
           }
         }

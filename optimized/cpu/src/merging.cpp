@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "qk_blocks.hpp"
 #include "instantiate.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
@@ -98,42 +99,40 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 }
 
 template <class S>
-void group_slot_attention(const LayerShape& s, const S* q, const S* k, int kv, std::int64_t t,
-                          const std::int64_t* keys, std::int64_t m, Reduce r, float* scratch, float* out) {
-  const std::int64_t T = s.tokens;
+void group_block_logits(const LayerShape& s, const S* q, const float* k_head, int kv, std::int64_t t0, std::int64_t n,
+                        float* out) {
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::vector<float> qt(static_cast<std::size_t>(d)), kj(static_cast<std::size_t>(d));
-  for (int i = 0; i < G; ++i) {
-    const std::int64_t h = static_cast<std::int64_t>(kv) * G + i;
-    load_row(q + (h * T + t) * d, d, qt.data());
-    for (float& x : qt) x *= scale;
-    float mx = -INFINITY;
-    for (std::int64_t j = 0; j < m; ++j) {
-      load_row(k + (static_cast<std::int64_t>(kv) * T + keys[j]) * d, d, kj.data());
-      scratch[j] = dot(qt.data(), kj.data(), d);
-      mx = std::max(mx, scratch[j]);
-    }
-    float sum = 0.0f;
-    for (std::int64_t j = 0; j < m; ++j) {
-      scratch[j] = std::exp(scratch[j] - mx);
-      sum += scratch[j];
-    }
-    const float inv = 1.0f / sum;
-    for (std::int64_t j = 0; j < m; ++j) {
-      const float p = scratch[j] * inv;
-      out[j] = i == 0 ? p : r == Reduce::kMax ? std::max(out[j], p) : out[j] + p;
+  std::vector<float> Q(static_cast<std::size_t>(G * n * d));
+  for (int i = 0; i < G; ++i)
+    detail::load_rows(q, static_cast<std::int64_t>(kv) * G + i, s.tokens, d, t0, n, scale, &Q[static_cast<std::size_t>(i * n * d)]);
+  detail::gemm_qkt(Q.data(), G * n, k_head, t0 + n, d, out, t0 + n);
+}
+
+void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, const std::int64_t* keys,
+                        std::int64_t m, Reduce r, float* scratch, float* out) {
+  for (int i = 0; i < group; ++i) {
+    const float* row = rows + i * head_stride;
+    for (std::int64_t j = 0; j < m; ++j) scratch[j] = row[keys[j]];
+    detail::softmax_inplace(scratch, m);
+    if (i == 0) {
+      std::copy(scratch, scratch + m, out);
+    } else if (r == Reduce::kMax) {
+      for (std::int64_t j = 0; j < m; ++j) out[j] = std::max(out[j], scratch[j]);
+    } else {
+#pragma omp simd
+      for (std::int64_t j = 0; j < m; ++j) out[j] += scratch[j];
     }
   }
   if (r == Reduce::kMean)
-    for (std::int64_t j = 0; j < m; ++j) out[j] /= static_cast<float>(G);
+    for (std::int64_t j = 0; j < m; ++j) out[j] /= static_cast<float>(group);
 }
 
 #define KVSCOPE_MERGING(S)                                                                                       \
   template void gaussian_merge_weights<S>(const S*, std::int64_t, int, const std::int64_t*, const std::int64_t*, \
                                           std::int64_t, SigmaMode, float, float*);                               \
-  template void group_slot_attention<S>(const LayerShape&, const S*, const S*, int, std::int64_t,               \
-                                        const std::int64_t*, std::int64_t, Reduce, float*, float*);
+  template void group_block_logits<S>(const LayerShape&, const S*, const float*, int, std::int64_t, std::int64_t, \
+                                      float*);
 KVSCOPE_CPU_INSTANTIATE(KVSCOPE_MERGING)
 
 }  // namespace kvscope::opt::cpu

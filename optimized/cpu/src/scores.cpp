@@ -4,48 +4,18 @@
 #include <cmath>
 #include <vector>
 
+#include "qk_blocks.hpp"
 #include "instantiate.hpp"
 
 namespace kvscope::opt::cpu {
+using detail::gemm_qkt;
+using detail::kKeyBlock;
+using detail::load_rows;
+
 namespace {
 
-/// Rows [first, first + n) of head h of a [heads, tokens, d] buffer, as fp32.
-template <class S>
-std::vector<float> load_rows(const S* x, std::int64_t h, std::int64_t tokens, int d, std::int64_t first,
-                             std::int64_t n) {
-  std::vector<float> out(static_cast<std::size_t>(n * d));
-  load_row(x + (h * tokens + first) * d, n * d, out.data());
-  return out;
-}
-
-/// Dot products of four consecutive d-long rows of `q` with `k` (one pass over k).
-void dot4(const float* q, const float* k, int d, float* out) {
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int i = 0; i < d; ++i) {
-    a0 += q[i] * k[i];
-    a1 += q[d + i] * k[i];
-    a2 += q[2 * d + i] * k[i];
-    a3 += q[3 * d + i] * k[i];
-  }
-  out[0] = a0;
-  out[1] = a1;
-  out[2] = a2;
-  out[3] = a3;
-}
-
-/// In place: row <- softmax(row) over its first `len` entries (max subtracted).
-void softmax_prefix(float* row, std::int64_t len) {
-  float m = -INFINITY;
-  for (std::int64_t j = 0; j < len; ++j) m = std::max(m, row[j]);
-  float sum = 0.0f;
-  for (std::int64_t j = 0; j < len; ++j) {
-    row[j] = std::exp(row[j] - m);
-    sum += row[j];
-  }
-  const float inv = 1.0f / sum;
-  for (std::int64_t j = 0; j < len; ++j) row[j] *= inv;
-}
+/// Prefill queries per block of accumulated_attention.
+constexpr std::int64_t kQueryBlock = 64;
 
 }  // namespace
 
@@ -57,49 +27,43 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
   std::fill(out, out + s.q_heads * T, 0.0f);
   if (w == 0) return;
   const std::int64_t R = G * w;  // every window query of the group
-  std::vector<float> logits(static_cast<std::size_t>(R * T));
+  const std::int64_t blocks = (T + kKeyBlock - 1) / kKeyBlock;
+  std::vector<float> logits(static_cast<std::size_t>(R * T)), Q(static_cast<std::size_t>(R * d));
+  // The query row r = (q head g*G + r / w, token T - w + r % w) sees keys 0..t.
+  const auto last_key = [&](std::int64_t r) { return T - w + r % w; };
   for (int g = 0; g < s.kv_heads; ++g) {
-    // The group's window queries, pre-scaled: row r = (q head g*G + r / w, query T - w + r % w).
-    std::vector<float> Q(static_cast<std::size_t>(R * d));
-    for (int i = 0; i < G; ++i) {
-      const std::vector<float> qi = load_rows(q, g * G + i, T, d, T - w, w);
-      for (std::size_t e = 0; e < qi.size(); ++e) Q[static_cast<std::size_t>(i * w * d) + e] = qi[e] * scale;
-    }
+    // The group's window queries, pre-scaled.
+    for (int i = 0; i < G; ++i) load_rows(q, g * G + i, T, d, T - w, w, scale, &Q[static_cast<std::size_t>(i * w * d)]);
     const S* kg = k + static_cast<std::int64_t>(g) * T * d;
-    // One pass over K: each key row is converted once and meets every query row.
 #pragma omp parallel
     {
-      std::vector<float> kj(static_cast<std::size_t>(d));
+      std::vector<float> kb(static_cast<std::size_t>(kKeyBlock * d));
 #pragma omp for schedule(static)
-      for (std::int64_t j = 0; j < T; ++j) {
-        load_row(kg + j * d, d, kj.data());
-        // Four query rows per pass over the key: the key stays in registers.
-        std::int64_t r = 0;
-        for (; r + 4 <= R; r += 4) {
-          float dots[4];
-          dot4(&Q[static_cast<std::size_t>(r * d)], kj.data(), d, dots);
-          for (int u = 0; u < 4; ++u) {
-            const std::int64_t t = T - w + (r + u) % w;  // the query's own token: it sees keys 0..t
-            logits[static_cast<std::size_t>((r + u) * T + j)] = j <= t ? dots[u] : 0.0f;
-          }
-        }
-        for (; r < R; ++r) {
-          const std::int64_t t = T - w + r % w;
-          logits[static_cast<std::size_t>(r * T + j)] = j <= t ? dot(&Q[static_cast<std::size_t>(r * d)], kj.data(), d) : 0.0f;
-        }
+      for (std::int64_t b = 0; b < blocks; ++b) {
+        const std::int64_t j0 = b * kKeyBlock, n = std::min(kKeyBlock, T - j0);
+        load_row(kg + j0 * d, n * d, kb.data());
+        gemm_qkt(Q.data(), R, kb.data(), n, d, &logits[static_cast<std::size_t>(j0)], T);
       }
 #pragma omp for schedule(static)
-      for (std::int64_t r = 0; r < R; ++r) softmax_prefix(&logits[static_cast<std::size_t>(r * T)], T - w + r % w + 1);
-#pragma omp for schedule(static)
-      for (std::int64_t j = 0; j < T; ++j)
-        for (int i = 0; i < G; ++i) {
-          float acc = 0.0f;  // probabilities are >= 0: also the max identity
+      for (std::int64_t r = 0; r < R; ++r) detail::softmax_inplace(&logits[static_cast<std::size_t>(r * T)], last_key(r) + 1);
+      // Reduce each q head's w rows column block by column block, rows in order.
+#pragma omp for collapse(2) schedule(static)
+      for (int i = 0; i < G; ++i)
+        for (std::int64_t b = 0; b < blocks; ++b) {
+          float* acc = out + (g * G + i) * T;  // probabilities are >= 0: 0 is also the max identity
+          const std::int64_t j0 = b * kKeyBlock, j1 = std::min(T, j0 + kKeyBlock);
           for (std::int64_t r = i * w; r < (i + 1) * w; ++r) {
-            const std::int64_t t = T - w + r % w;
-            const float p = j <= t ? logits[static_cast<std::size_t>(r * T + j)] : 0.0f;
-            acc = rows == Reduce::kMax ? std::max(acc, p) : acc + p;
+            const float* p = &logits[static_cast<std::size_t>(r * T)];
+            const std::int64_t end = std::min(j1, last_key(r) + 1);
+            if (rows == Reduce::kMax) {
+              for (std::int64_t j = j0; j < end; ++j) acc[j] = std::max(acc[j], p[j]);
+            } else {
+#pragma omp simd
+              for (std::int64_t j = j0; j < end; ++j) acc[j] += p[j];
+            }
           }
-          out[(g * G + i) * T + j] = rows == Reduce::kMean ? acc / static_cast<float>(w) : acc;
+          if (rows == Reduce::kMean)
+            for (std::int64_t j = j0; j < j1; ++j) acc[j] /= static_cast<float>(w);
         }
     }
   }
@@ -111,29 +75,27 @@ void accumulated_attention(const LayerShape& s, const S* q, const S* k, bool per
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // One q head per thread: its column sums are added query by query in order.
-  // Queries go four at a time through each key (dot4), then row by row into the sums.
+  // Each block of queries meets all the keys it sees in one GEMM.
 #pragma omp parallel
   {
-    std::vector<float> rows(static_cast<std::size_t>(4 * T)), q4(static_cast<std::size_t>(4 * d));
+    std::vector<float> K(static_cast<std::size_t>(T * d)), Qb(static_cast<std::size_t>(kQueryBlock * d)),
+        P(static_cast<std::size_t>(kQueryBlock * T));
+    int loaded = -1;  // the kv head whose keys are in K
 #pragma omp for schedule(dynamic, 1)
     for (int h = 0; h < s.q_heads; ++h) {
-      const std::vector<float> K = load_rows(k, h / G, T, d, 0, T);
+      if (h / G != loaded) load_rows(k, loaded = h / G, T, d, 0, T, 1.0f, K.data());
       float* acc = out + static_cast<std::int64_t>(h) * T;
       std::fill(acc, acc + T, 0.0f);
-      for (std::int64_t t0 = 0; t0 < T; t0 += 4) {
-        const std::int64_t n = std::min<std::int64_t>(4, T - t0);
-        load_row(q + (static_cast<std::int64_t>(h) * T + t0) * d, n * d, q4.data());
-        for (std::int64_t e = 0; e < n * d; ++e) q4[static_cast<std::size_t>(e)] *= scale;
-        std::fill(q4.begin() + n * d, q4.end(), 0.0f);
-        for (std::int64_t j = 0; j < t0 + n; ++j) {
-          float dots[4];
-          dot4(q4.data(), &K[static_cast<std::size_t>(j * d)], d, dots);
-          for (int u = 0; u < 4; ++u) rows[static_cast<std::size_t>(u * T + j)] = dots[u];
-        }
+      for (std::int64_t t0 = 0; t0 < T; t0 += kQueryBlock) {
+        const std::int64_t n = std::min(kQueryBlock, T - t0), seen = t0 + n;
+        load_rows(q, h, T, d, t0, n, scale, Qb.data());
+        gemm_qkt(Qb.data(), n, K.data(), seen, d, P.data(), seen);
         for (std::int64_t u = 0; u < n; ++u) {
-          float* row = &rows[static_cast<std::size_t>(u * T)];
-          softmax_prefix(row, t0 + u + 1);  // query t0 + u sees keys 0..t0 + u
-          for (std::int64_t j = 0; j <= t0 + u; ++j) acc[j] += row[j];
+          float* row = &P[static_cast<std::size_t>(u * seen)];
+          const std::int64_t len = t0 + u + 1;  // query t0 + u sees keys 0..t0 + u
+          detail::softmax_inplace(row, len);
+#pragma omp simd
+          for (std::int64_t j = 0; j < len; ++j) acc[j] += row[j];
         }
       }
       if (per_query)

@@ -1,0 +1,79 @@
+#include "qk_blocks.hpp"
+
+#include <Eigen/Core>
+#include <algorithm>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+// glibc's libmvec: expf on eight lanes (x86_64 vector function ABI, AVX2).
+extern "C" __m256 _ZGVdN8v_expf(__m256 x);
+#endif
+#include <cmath>
+
+namespace kvscope::opt::cpu::detail {
+
+void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
+  namespace ei = Eigen::internal;
+  using Index = Eigen::Index;
+  for (std::int64_t r = 0; r < R; ++r) std::fill(logits + r * ld, logits + r * ld + n, 0.0f);
+  if (R == 0 || n == 0 || d == 0) return;
+  // C (row-major, stride ld) += Q (row-major, stride d) . K^T (K^T is column-major with stride d).
+  ei::gemm_blocking_space<Eigen::RowMajor, float, float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic, 1, false> blocking(
+      static_cast<Index>(R), static_cast<Index>(n), static_cast<Index>(d), 1, true);
+  ei::general_matrix_matrix_product<Index, float, Eigen::RowMajor, false, float, Eigen::ColMajor, false, Eigen::RowMajor,
+                                    1>::run(static_cast<Index>(R), static_cast<Index>(n), static_cast<Index>(d), Q, d, K,
+                                            d, logits, 1, static_cast<Index>(ld), 1.0f, blocking);
+}
+
+namespace {
+
+constexpr int kLanes = 8;
+
+void exp_inplace(float* x, std::int64_t n) {
+#if defined(__AVX2__)
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) _mm256_storeu_ps(x + i, _ZGVdN8v_expf(_mm256_loadu_ps(x + i)));
+  if (i < n) {  // the tail through the same eight-lane function
+    float tail[kLanes] = {};
+    std::copy(x + i, x + n, tail);
+    _mm256_storeu_ps(tail, _ZGVdN8v_expf(_mm256_loadu_ps(tail)));
+    std::copy(tail, tail + (n - i), x + i);
+  }
+#else
+  for (std::int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+#endif
+}
+
+/// max / sum with eight accumulators in a fixed order (vectorisable as
+/// written; no reassociation is needed or allowed).
+float max_of(const float* x, std::int64_t n) {
+  float m[kLanes];
+  std::fill(m, m + kLanes, -INFINITY);
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) m[l] = std::max(m[l], x[i + l]);
+  for (; i < n; ++i) m[0] = std::max(m[0], x[i]);
+  return *std::max_element(m, m + kLanes);
+}
+
+float sum_of(const float* x, std::int64_t n) {
+  float s[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += x[i + l];
+  for (; i < n; ++i) s[0] += x[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+}  // namespace
+
+void softmax_inplace(float* x, std::int64_t len) {
+  if (len <= 0) return;
+  const float m = max_of(x, len);
+  for (std::int64_t i = 0; i < len; ++i) x[i] -= m;
+  exp_inplace(x, len);
+  const float inv = 1.0f / sum_of(x, len);
+  for (std::int64_t i = 0; i < len; ++i) x[i] *= inv;
+}
+
+}  // namespace kvscope::opt::cpu::detail

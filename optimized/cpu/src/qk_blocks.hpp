@@ -1,0 +1,36 @@
+// Internal building blocks of the attention-shaped kernels (window scores,
+// accumulated attention, the streaming prefills): Q.K^T tiles by Eigen's fp32
+// GEMM and a vectorised softmax. Every result is a function of the values
+// only, never of buffer addresses or thread counts: the GEMM kernel is called
+// directly (Eigen's size heuristics would switch to address-dependent
+// coefficient loops for small shapes), exp goes through glibc's vector expf
+// lane by lane, and the max and sum use eight fixed accumulators.
+#pragma once
+
+#include <cstdint>
+
+#include "kvscope/opt/cpu/storage.hpp"
+
+namespace kvscope::opt::cpu::detail {
+
+/// Keys per GEMM block. Fixed (never derived from the thread count), so the
+/// blocks, and so every logit, are the same on any number of threads.
+inline constexpr std::int64_t kKeyBlock = 256;
+
+/// Rows [first, first + n) of head h of a [heads, tokens, d] buffer as fp32, times `scale`.
+template <class S>
+void load_rows(const S* x, std::int64_t h, std::int64_t tokens, int d, std::int64_t first, std::int64_t n, float scale,
+               float* out) {
+  load_row(x + (h * tokens + first) * d, n * d, out);
+  if (scale != 1.0f)
+    for (std::int64_t e = 0; e < n * d; ++e) out[e] *= scale;
+}
+
+/// logits[R, n] (row stride ld) = Q[R, d] . K[n, d]^T, single-threaded
+/// (callers parallelise over fixed blocks).
+void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld);
+
+/// In place: x <- softmax(x) over len entries (max subtracted). No-op for len <= 0.
+void softmax_inplace(float* x, std::int64_t len);
+
+}  // namespace kvscope::opt::cpu::detail
