@@ -11,6 +11,7 @@
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/methods/dynamickv.hpp"
+#include "kvscope/reference/methods/dynamickv_pass.hpp"
 #include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/replay.hpp"
@@ -218,6 +219,73 @@ TEST(DynamicKV, ImpossibleBudgetAndMissingCoupling) {
   const auto p = m->prefill(tiny.input, 5);
   EXPECT_EQ(p.plans[0].slots(), 5);
   EXPECT_EQ(p.head_budgets[0], 5);
+}
+
+TEST(DynamicKV, PassChecksLayerOrderPromptLengthAndBudget) {
+  using Pass = ref::DynamicKVPass<std::vector<VecX>>;
+  const ref::DynamicKVConfig c;  // window 8
+  const auto expect_error = [](const auto& f, ErrorKind kind, const std::string& text) {
+    try {
+      f();
+      ADD_FAILURE() << "accepted: " << text;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), kind) << e.what();
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  const std::vector<VecX> layer{constant(12, 1.0)};  // one head, T = 20, Lp = 12
+  Pass pass(c, 2, 16, "dynamickv (x)");
+  expect_error([&] { pass.add_layer(1, 20, layer); }, ErrorKind::kInternal,
+               "dynamickv (x): layers must be observed in order (got layer 1, expected 0)");
+  pass.add_layer(0, 20, layer);
+  const auto score = [&] { return layer; };
+  expect_error([&] { Pass::resolve(&pass, c, "dynamickv (x)", 0, 2, 20, 16, score); }, ErrorKind::kUsage,
+               "has not observed every layer");
+  expect_error([&] { pass.add_layer(1, 21, layer); }, ErrorKind::kInternal,
+               "dynamickv (x): layers disagree on the prompt length");
+  pass.add_layer(1, 20, layer);
+  ASSERT_TRUE(pass.done());
+  EXPECT_EQ(Pass::resolve(&pass, c, "dynamickv (x)", 1, 2, 20, 16, score).prefix, pass.schedule().prefix[1]);
+  expect_error([&] { Pass::resolve(&pass, c, "dynamickv (x)", 1, 2, 20, 17, score); }, ErrorKind::kInternal,
+               "built for budget 16, prefill got 17");
+  expect_error([&] { Pass::resolve(&pass, c, "dynamickv (x)", 1, 2, 20, 7, score); }, ErrorKind::kImpossibleBudget,
+               "budget 7 is smaller than the observation window 8");
+  expect_error([&] { Pass::resolve(nullptr, c, "dynamickv (x)", 1, 2, 20, 16, score); }, ErrorKind::kUsage,
+               "prefill of a 2-layer model needs the layer coupling");
+  // One layer, no update: Bmax = min(int(r_max b), Lp) = min(80, 12).
+  const Pass::Layer one = Pass::resolve(nullptr, c, "dynamickv (x)", 0, 1, 20, 16, score);
+  EXPECT_EQ(one.prefix, 12);
+  EXPECT_EQ(one.scores->size(), 1u);
+}
+
+TEST(DynamicKV, Fp32ScheduleEqualsTheWidenedOne) {
+  // The backend's fp32 scores, flat, give the schedule of their exact double widening (ties included).
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> level(0, 6);  // few levels: many ties across layers and heads
+  const int L = 8, H = 3;
+  const std::int64_t Lp = 17;
+  std::vector<ref::DynamicKVFlatScores> flat;
+  std::vector<std::vector<VecX>> wide;
+  for (int l = 0; l < L; ++l) {
+    flat.push_back({H, {}});
+    wide.emplace_back();
+    for (int h = 0; h < H; ++h) {
+      VecX v(Lp);
+      for (std::int64_t j = 0; j < Lp; ++j) {
+        flat.back().values.push_back(static_cast<float>(level(rng)) * 0.1f);
+        v[j] = flat.back().values.back();
+      }
+      wide.back().push_back(v);
+    }
+  }
+  for (DynamicKVMode mode : {DynamicKVMode::kBitFaithful, DynamicKVMode::kIntended}) {
+    const auto a = ref::dynamickv_schedule(flat, config(L, 4, 5, 2.5, mode));
+    const auto b = ref::dynamickv_schedule(wide, config(L, 4, 5, 2.5, mode));
+    EXPECT_EQ(a.layout, b.layout);
+    EXPECT_EQ(a.prefix, b.prefix);
+    ASSERT_EQ(a.updates.size(), b.updates.size());
+    for (std::size_t u = 0; u < a.updates.size(); ++u) EXPECT_EQ(a.updates[u].counts, b.updates[u].counts);
+  }
 }
 
 TEST(DynamicKV, OneLayerKeepsWindowPlusTopPooledScores) {

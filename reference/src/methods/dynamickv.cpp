@@ -1,4 +1,5 @@
 #include "kvscope/reference/methods/dynamickv.hpp"
+#include "kvscope/reference/methods/dynamickv_pass.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -35,45 +36,37 @@ std::int64_t int_floordiv(std::int64_t a, std::int64_t b) {
   return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
-// Number of entries of a global top-k over the flat scores of layers
-// 0..n-1 (layer-major, then head, then token) that fall in each layer; ties
-// go to the lower flat index.
-std::vector<std::int64_t> topk_counts(const std::vector<std::vector<VecX>>& s, int n, std::int64_t k) {
+// Number of entries of a global top-k over the flat scores of layers 0..n-1 (layer-major, then head,
+// then token; `at(l, i)` is entry i of layer l's `per_layer` head-major scores) that fall in each
+// layer; ties go to the lower flat index. Widening fp32 scores to double keeps their order and ties.
+template <class At>
+std::vector<std::int64_t> topk_counts(int n, std::int64_t per_layer, std::int64_t k, At at) {
   std::vector<std::pair<double, std::int64_t>> z;
-  std::vector<std::int64_t> layer_of;
+  z.reserve(static_cast<std::size_t>(n * per_layer));
   for (int l = 0; l < n; ++l)
-    for (const VecX& h : s[static_cast<std::size_t>(l)])
-      for (Eigen::Index j = 0; j < h.size(); ++j) {
-        z.emplace_back(h[j], static_cast<std::int64_t>(z.size()));
-        layer_of.push_back(l);
-      }
+    for (std::int64_t i = 0; i < per_layer; ++i) z.emplace_back(at(l, i), static_cast<std::int64_t>(z.size()));
   std::vector<std::int64_t> counts(static_cast<std::size_t>(n), 0);
   k = std::clamp<std::int64_t>(k, 0, static_cast<std::int64_t>(z.size()));
   if (k == 0) return counts;
   auto better = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
   std::nth_element(z.begin(), z.begin() + (k - 1), z.end(), better);
   for (std::int64_t i = 0; i < k; ++i)
-    ++counts[static_cast<std::size_t>(layer_of[static_cast<std::size_t>(z[static_cast<std::size_t>(i)].second)])];
+    ++counts[static_cast<std::size_t>(z[static_cast<std::size_t>(i)].second / per_layer)];
   return counts;
 }
 
-}  // namespace
-
-DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c) {
-  const int L = c.layers;
-  if (L < 1 || static_cast<int>(scores.size()) != L)
-    throw Error(ErrorKind::kUsage, "dynamickv: the schedule needs the scores of all " + std::to_string(L) +
-                                       " layers, got " + std::to_string(scores.size()));
+void check_schedule_input(std::size_t layers, const DynamicKVScheduleConfig& c) {
+  if (c.layers < 1 || static_cast<int>(layers) != c.layers)
+    throw Error(ErrorKind::kUsage, "dynamickv: the schedule needs the scores of all " + std::to_string(c.layers) +
+                                       " layers, got " + std::to_string(layers));
   if (c.base < 0 || c.window < 0 || c.interval < 1 || !(c.r_max >= 0))
     throw Error(ErrorKind::kUsage, "dynamickv: schedule needs base >= 0, window >= 0, interval >= 1, r_max >= 0");
-  const auto H = static_cast<std::int64_t>(scores.front().size());
-  const std::int64_t Lp = H > 0 ? scores.front().front().size() : 0;
-  for (const auto& layer : scores) {
-    if (static_cast<std::int64_t>(layer.size()) != H)
-      throw Error(ErrorKind::kUsage, "dynamickv: every layer needs scores for the same number of heads");
-    for (const VecX& h : layer)
-      if (h.size() != Lp) throw Error(ErrorKind::kUsage, "dynamickv: every head needs Lp scores");
-  }
+}
+
+// The schedule over H heads x Lp scores per layer, read through `at` as in topk_counts.
+template <class At>
+DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVScheduleConfig& c, At at) {
+  const int L = c.layers;
   const std::int64_t w = c.window, b = c.base;
   DynamicKVSchedule out;
   // budget_compute_per_layer: self.budget_size = min(int(radio_max * base), q_len - window_size).
@@ -91,7 +84,7 @@ DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& score
     up.layer = l;
     const std::int64_t tk = b * H * n;
     up.topk = std::min(tk, H * Lp * n);  // topk(k=tk), or numel() when tk exceeds it (the except branch)
-    up.counts = topk_counts(scores, n, up.topk);
+    up.counts = topk_counts(n, H * Lp, up.topk, at);
     for (auto& x : up.counts) x = int_floordiv(x, n);  // counts // gather_attn.shape[0]
     std::int64_t sum_c = std::accumulate(up.counts.begin(), up.counts.end(), std::int64_t{0});
     if (sum_c != H * Lp && l == L - 1) {  // the last layer tops up the last count
@@ -145,6 +138,38 @@ DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& score
   return out;
 }
 
+}  // namespace
+
+DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c) {
+  check_schedule_input(scores.size(), c);
+  const auto H = static_cast<std::int64_t>(scores.front().size());
+  const std::int64_t Lp = H > 0 ? scores.front().front().size() : 0;
+  for (const auto& layer : scores) {
+    if (static_cast<std::int64_t>(layer.size()) != H)
+      throw Error(ErrorKind::kUsage, "dynamickv: every layer needs scores for the same number of heads");
+    for (const VecX& h : layer)
+      if (h.size() != Lp) throw Error(ErrorKind::kUsage, "dynamickv: every head needs Lp scores");
+  }
+  return schedule(H, Lp, c, [&](int l, std::int64_t i) {
+    return scores[static_cast<std::size_t>(l)][static_cast<std::size_t>(i / Lp)][i % Lp];
+  });
+}
+
+DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c) {
+  check_schedule_input(scores.size(), c);
+  const std::int64_t H = scores.front().heads;
+  const std::int64_t Lp = H > 0 ? static_cast<std::int64_t>(scores.front().values.size()) / H : 0;
+  for (const auto& layer : scores) {
+    if (layer.heads != H)
+      throw Error(ErrorKind::kUsage, "dynamickv: every layer needs scores for the same number of heads");
+    if (static_cast<std::int64_t>(layer.values.size()) != H * Lp)
+      throw Error(ErrorKind::kUsage, "dynamickv: every head needs Lp scores");
+  }
+  return schedule(H, Lp, c, [&](int l, std::int64_t i) {
+    return static_cast<double>(scores[static_cast<std::size_t>(l)].values[static_cast<std::size_t>(i)]);
+  });
+}
+
 std::vector<VecX> dynamickv_layer_scores(const LayerInput& in, std::int64_t window, std::int64_t kernel, Pool pool) {
   const std::int64_t T = in.tokens(), w = std::min(window, T), Lp = T - w;
   const int hq = static_cast<int>(in.q.size()), hkv = static_cast<int>(in.k.size());
@@ -157,10 +182,6 @@ std::vector<VecX> dynamickv_layer_scores(const LayerInput& in, std::int64_t wind
   }
   return out;
 }
-
-namespace {
-
-}  // namespace
 
 DynamicKVConfig dynamickv_config(const Params& p) {
   DynamicKVConfig c;
@@ -201,39 +222,22 @@ DynamicKVScheduleConfig dynamickv_schedule_config(const DynamicKVConfig& p, int 
 
 namespace {
 
-// The first pass: every layer's per-q-head pooled scores, then the schedule.
+using Pass = DynamicKVPass<std::vector<VecX>>;
+
+// The first pass over the reference's double scores.
 class DynamicKVCoupling final : public LayerCoupling {
  public:
   DynamicKVCoupling(const DynamicKVConfig& p, const TraceMeta& meta, std::int64_t budget)
-      : p_(p), layers_(meta.layers), budget_(budget) {}
+      : p_(p), pass_(p, meta.layers, budget, "dynamickv") {}
 
   void observe(const LayerInput& in) override {
-    if (in.layer != static_cast<int>(scores_.size()))
-      throw Error(ErrorKind::kInternal, "dynamickv: layers must be observed in order (got layer " +
-                                            std::to_string(in.layer) + ", expected " +
-                                            std::to_string(scores_.size()) + ")");
-    if (in.layer == 0) T_ = in.tokens();
-    if (in.tokens() != T_) throw Error(ErrorKind::kInternal, "dynamickv: layers disagree on the prompt length");
-    scores_.push_back(dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool));
-    if (static_cast<int>(scores_.size()) == layers_) {
-      schedule_ = dynamickv_schedule(scores_, dynamickv_schedule_config(p_, layers_, T_, budget_));
-      done_ = true;
-    }
+    pass_.add_layer(in.layer, in.tokens(), dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool));
   }
-
-  bool done() const { return done_; }
-  std::int64_t budget() const { return budget_; }
-  const DynamicKVSchedule& schedule() const { return schedule_; }
-  const std::vector<VecX>& scores(int layer) const { return scores_[static_cast<std::size_t>(layer)]; }
+  const Pass& pass() const { return pass_; }
 
  private:
   DynamicKVConfig p_;
-  int layers_;
-  std::int64_t budget_;
-  std::int64_t T_ = 0;
-  std::vector<std::vector<VecX>> scores_;
-  DynamicKVSchedule schedule_;
-  bool done_ = false;
+  Pass pass_;
 };
 
 class DynamicKV final : public Method {
@@ -278,38 +282,18 @@ class DynamicKV final : public Method {
   /// + w tokens per head from the schedule.
   LayerScores decide(const LayerInput& in, std::int64_t budget, std::int64_t& kept) const {
     const std::int64_t T = in.tokens(), w = p_.effective_window(T), Lp = T - w;
-    const DynamicKVScheduleConfig one_layer = dynamickv_schedule_config(p_, 1, T, budget);
     const auto* cpl = dynamic_cast<const DynamicKVCoupling*>(in.coupling);
-    std::vector<VecX> local_scores;
-    DynamicKVSchedule local;
-    const DynamicKVSchedule* sched = &local;
-    const std::vector<VecX>* scores = &local_scores;
-    if (cpl) {
-      if (!cpl->done())
-        throw Error(ErrorKind::kUsage, "dynamickv: the layer coupling has not observed every layer yet");
-      if (cpl->budget() != budget)
-        throw Error(ErrorKind::kInternal, "dynamickv: the coupling was built for budget " +
-                                              std::to_string(cpl->budget()) + ", prefill got " + std::to_string(budget));
-      sched = &cpl->schedule();
-      scores = &cpl->scores(in.layer);
-    } else {
-      // Without the first pass only a one-layer model is exact: its schedule needs no other layer.
-      const int layers = in.meta ? in.meta->layers : 1;
-      if (layers != 1)
-        throw Error(ErrorKind::kUsage, "dynamickv: prefill of a " + std::to_string(layers) +
-                                           "-layer model needs the layer coupling (Method::coupling, observe() on "
-                                           "every layer first; replay does this)");
-      local_scores = dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool);
-      local = dynamickv_schedule({local_scores}, one_layer);
-    }
-    kept = sched->prefix.at(static_cast<std::size_t>(in.layer)) + w;
+    const Pass::Layer layer =
+        Pass::resolve(cpl ? &cpl->pass() : nullptr, p_, "dynamickv", in.layer, in.meta ? in.meta->layers : 1, T,
+                      budget, [&] { return dynamickv_layer_scores(in, p_.window, p_.kernel, p_.pool); });
+    kept = layer.prefix + w;
     const int hq = static_cast<int>(in.q.size()), hkv = static_cast<int>(in.k.size());
     LayerScores out;
     out.protected_tokens = index_range(Lp, T);
     for (int g = 0; g < hkv; ++g) {
       // The authors select per q head (repeat_kv); a kv-head plan takes the group's mean or max.
       VecX s = VecX::Zero(T);
-      s.head(Lp) = group_reduce(*scores, g, hq, hkv, p_.group);
+      s.head(Lp) = group_reduce(*layer.scores, g, hq, hkv, p_.group);
       out.per_kv_head.push_back(std::move(s));
     }
     return out;

@@ -85,6 +85,16 @@ struct DynamicKVSchedule {
 /// the global top-k go to the lower flat index (layer, head, token).
 DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c);
 
+/// One layer's pooled scores in fp32, flat [heads, Lp] (a backend's kernel output).
+struct DynamicKVFlatScores {
+  int heads = 0;
+  std::vector<float> values;
+};
+
+/// The same schedule over fp32 scores: equal to widening them to double first (exact, same order
+/// and ties), without the copy.
+DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c);
+
 /// The schedule's configuration for an L-layer model with T prompt tokens at
 /// `budget` per head; Error(kImpossibleBudget) when budget < the window.
 DynamicKVScheduleConfig dynamickv_schedule_config(const DynamicKVConfig& c, int layers, std::int64_t T,
