@@ -572,4 +572,23 @@ TEST(CpuKernels, GatherAndCosinesAreBitwiseIdenticalAcrossThreadCounts) {
   EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
 }
 
+TEST(CpuKernels, TopKOfShuffledCandidatesWithSignedZerosEqualsReference) {
+  std::mt19937_64 rng(44);
+  for (int trial = 0; trial < 100; ++trial) {
+    const std::int64_t n = 1 + static_cast<std::int64_t>(rng() % 300);
+    std::vector<float> s(static_cast<std::size_t>(n));
+    VecX sd(n);
+    const float values[] = {-0.0f, 0.0f, 1.0f, -1.0f, -INFINITY, INFINITY, 1e-45f, -1e-45f};
+    for (std::int64_t j = 0; j < n; ++j) s[static_cast<std::size_t>(j)] = values[rng() % 8], sd[j] = s[static_cast<std::size_t>(j)];
+    std::vector<std::int64_t> cand;
+    for (std::int64_t j = 0; j < n; ++j)
+      if (rng() % 3 != 0) cand.push_back(j);
+    std::shuffle(cand.begin(), cand.end(), rng);
+    const std::int64_t k = static_cast<std::int64_t>(rng() % (cand.size() + 2));
+    std::vector<std::int64_t> kept;
+    opt::cpu::top_k(s.data(), cand, k, kept);
+    EXPECT_EQ(kept, ref::top_k(sd, cand, k).kept) << "trial " << trial;
+  }
+}
+
 }  // namespace

@@ -46,10 +46,22 @@ void top_k(const float* scores, std::span<const std::int64_t> candidates, std::i
   // The same order on packed 64-bit keys: no indirect loads in the comparisons.
   std::vector<std::uint64_t> keys(candidates.size());
   for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = selection_key(scores[candidates[i]], candidates[i]);
-  if (kk < n) std::nth_element(keys.begin(), keys.begin() + kk, keys.end());
-  kept.resize(static_cast<std::size_t>(kk));
-  for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<std::int64_t>(keys[i] & UINT32_MAX);
-  std::sort(kept.begin(), kept.end());
+  kept.clear();
+  if (kk < n) {
+    std::nth_element(keys.begin(), keys.begin() + kk, keys.end());
+    // Kept = keys below the best one left out; a pass in candidate order
+    // yields them already sorted when the candidates are (the usual case).
+    const std::uint64_t bound = keys[static_cast<std::size_t>(kk)];
+    for (std::int64_t j : candidates)
+      if (selection_key(scores[j], j) < bound) kept.push_back(j);
+  } else {
+    kept.assign(candidates.begin(), candidates.end());
+  }
+  if (static_cast<std::ptrdiff_t>(kept.size()) != kk) {  // repeated candidates: take the k front keys
+    kept.resize(static_cast<std::size_t>(kk));
+    for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<std::int64_t>(keys[i] & UINT32_MAX);
+  }
+  if (!std::is_sorted(kept.begin(), kept.end())) std::sort(kept.begin(), kept.end());
 }
 
 namespace {
