@@ -498,4 +498,103 @@ TEST(CpuKernels, CamMergeProbabilitiesFollowTheStreamedPrompt) {
       }
 }
 
+TEST(CpuKernels, DecodeAttentionOverManyChunksMatchesReferenceOnAnyThreadCount) {
+  // 1300 slots: several fixed-size slot chunks and a partial key block, merged in order.
+  const int Hq = 4, Hkv = 2, d = 32;
+  const std::int64_t offsets[] = {0, 1300, 1337};
+  const Heads k = random_heads(1, 1337, d, DType::kF16, 31), v = random_heads(1, 1337, d, DType::kF16, 32),
+              q = random_heads(Hq, 1, d, DType::kF32, 33);
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    std::vector<float> out(Hq * d, NAN);
+    opt::cpu::decode_attention<opt::cpu::f16>(q.tensor.data.data(), Hq, Hkv, d, offsets, k.storage.data<opt::cpu::f16>(),
+                                              v.storage.data<opt::cpu::f16>(), nullptr, out.data());
+    return out;
+  };
+  const int saved = omp_get_max_threads();
+  const std::vector<float> one = run(1), three = run(3);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
+  for (int h = 0; h < Hq; ++h) {
+    const std::int64_t first = offsets[h / 2], n = offsets[h / 2 + 1] - first;
+    const VecX want = ref::attend(q.mats[static_cast<std::size_t>(h)].row(0).transpose(), k.mats[0].middleRows(first, n),
+                                  v.mats[0].middleRows(first, n), nullptr).output;
+    EXPECT_LT(max_rel_diff(one.data() + h * d, want), 1e-5) << "q head " << h;
+  }
+}
+
+TEST(CpuKernels, KeptRowsRoundLikeTheAccumulationIncludingNegativeZeroAndNaN) {
+  // A kept token is copied only when the copy equals from_f32(0 + 1 * x): -0 must still become +0, NaN Eigen's NaN.
+  for (DType t : kDtypes) {
+    const int d = 16;
+    opt::StorageBuffer k(t, 2 * d), v(t, 2 * d);
+    for (int i = 0; i < 2 * d; ++i) k.set(i, static_cast<float>(i) - 7.5f), v.set(i, 0.25f * static_cast<float>(i));
+    k.set(3, -0.0f);
+    v.set(d + 5, NAN);
+    const std::int64_t offsets[] = {0, 2}, row_ptr[] = {0, 1, 2}, token[] = {0, 1};
+    const float one[] = {1.0f, 1.0f};
+    const opt::cpu::RaggedPlan rp{1, offsets, row_ptr, token, one, one, nullptr, 10000.0};
+    opt::StorageBuffer ko(t, 2 * d), vo(t, 2 * d);
+    ko.poison();
+    vo.poison();
+    opt::cpu::dispatch_storage(t, [&](auto tag) {
+      using S = decltype(tag);
+      opt::cpu::apply_ragged_plan<S>(rp, k.data<S>(), v.data<S>(), 2, d, ko.data<S>(), vo.data<S>());
+      for (int i = 0; i < 2 * d; ++i) {
+        const S wk = opt::cpu::from_f32<S>(0.0f + opt::cpu::to_f32(k.data<S>()[i]));
+        const S wv = opt::cpu::from_f32<S>(0.0f + opt::cpu::to_f32(v.data<S>()[i]));
+        EXPECT_EQ(std::memcmp(&wk, ko.data<S>() + i, sizeof(S)), 0) << dtype_name(t) << " k " << i;
+        EXPECT_EQ(std::memcmp(&wv, vo.data<S>() + i, sizeof(S)), 0) << dtype_name(t) << " v " << i;
+      }
+    });
+    EXPECT_FALSE(std::signbit(ko.get(3))) << dtype_name(t);
+  }
+}
+
+TEST(CpuKernels, GatherAndCosinesAreBitwiseIdenticalAcrossThreadCounts) {
+  const int H = 2, d = 32;
+  const std::int64_t T = 700;
+  const opt::cpu::LayerShape s{2, H, d, T};
+  const Heads k = random_heads(H, T, d, DType::kBF16, 41), v = random_heads(H, T, d, DType::kBF16, 42);
+  std::mt19937_64 rng(43);
+  std::vector<Plan> plans;
+  for (int h = 0; h < H; ++h) plans.push_back(random_plan(T, rng, h == 1));
+  const opt::FlatPlans flat = opt::flatten(plans);
+  const opt::cpu::RaggedPlan rp = flat.view(10000.0);
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    opt::StorageBuffer ko(DType::kBF16, flat.offsets.back() * d), vo(DType::kBF16, flat.offsets.back() * d);
+    opt::cpu::apply_ragged_plan<opt::cpu::bf16>(rp, k.storage.data<opt::cpu::bf16>(), v.storage.data<opt::cpu::bf16>(), T, d,
+                                                ko.data<opt::cpu::bf16>(), vo.data<opt::cpu::bf16>());
+    std::vector<float> out(static_cast<std::size_t>(H * (T - 1)));
+    opt::cpu::adjacent_key_cosine(s, k.storage.data<opt::cpu::bf16>(), out.data());
+    for (std::int64_t i = 0; i < flat.offsets.back() * d; ++i) out.push_back(ko.get(i)), out.push_back(vo.get(i));
+    return out;
+  };
+  const int saved = omp_get_max_threads();
+  const std::vector<float> one = run(1), three = run(3);
+  omp_set_num_threads(saved);
+  ASSERT_EQ(one.size(), three.size());
+  EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
+}
+
+TEST(CpuKernels, TopKOfShuffledCandidatesWithSignedZerosEqualsReference) {
+  std::mt19937_64 rng(44);
+  for (int trial = 0; trial < 100; ++trial) {
+    const std::int64_t n = 1 + static_cast<std::int64_t>(rng() % 300);
+    std::vector<float> s(static_cast<std::size_t>(n));
+    VecX sd(n);
+    const float values[] = {-0.0f, 0.0f, 1.0f, -1.0f, -INFINITY, INFINITY, 1e-45f, -1e-45f};
+    for (std::int64_t j = 0; j < n; ++j) s[static_cast<std::size_t>(j)] = values[rng() % 8], sd[j] = s[static_cast<std::size_t>(j)];
+    std::vector<std::int64_t> cand;
+    for (std::int64_t j = 0; j < n; ++j)
+      if (rng() % 3 != 0) cand.push_back(j);
+    std::shuffle(cand.begin(), cand.end(), rng);
+    const std::int64_t k = static_cast<std::int64_t>(rng() % (cand.size() + 2));
+    std::vector<std::int64_t> kept;
+    opt::cpu::top_k(s.data(), cand, k, kept);
+    EXPECT_EQ(kept, ref::top_k(sd, cand, k).kept) << "trial " << trial;
+  }
+}
+
 }  // namespace

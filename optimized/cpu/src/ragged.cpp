@@ -1,79 +1,282 @@
 #include "kvscope/opt/cpu/ragged.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "instantiate.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
 namespace kvscope::opt::cpu {
+namespace {
+
+/// Raw bits of a storage type and the bits of its +infinity.
+template <class S>
+struct StorageBits {
+  using U = std::uint16_t;
+  static constexpr U kInf = std::is_same_v<S, f16> ? 0x7c00 : 0x7f80;
+};
+template <>
+struct StorageBits<float> {
+  using U = std::uint32_t;
+  static constexpr U kInf = 0x7f800000u;
+};
+
+/// Whether from_f32<S>(0 + 1 * x) == x bit for bit on every element: true
+/// unless the row holds -0 (the sum makes it +0) or a NaN (re-quieted).
+template <class S>
+bool copy_is_exact(const S* row, int d) {
+  using U = typename StorageBits<S>::U;
+  constexpr U kSign = static_cast<U>(U{1} << (8 * sizeof(U) - 1));
+  // An integer OR over the whole row (no early exit) so it vectorises.
+  U changed = 0;
+#pragma omp simd reduction(| : changed)
+  for (int i = 0; i < d; ++i) {
+    U b;
+    std::memcpy(&b, row + i, sizeof b);
+    changed |= static_cast<U>((b == kSign) | (static_cast<U>(b & ~kSign) > StorageBits<S>::kInf));
+  }
+  return changed == 0;
+}
+
+/// Rows [first, first + n) of x as fp32: x itself for fp32 storage, else converted into buf.
+template <class S>
+const float* rows_f32(const S* x, std::int64_t first, std::int64_t n, int d, float* buf) {
+  if constexpr (std::is_same_v<S, float>) {
+    return x + first * d;
+  } else {
+    load_row(x + first * d, n * d, buf);
+    return buf;
+  }
+}
+
+/// Per-thread fp32 rows for apply_ragged_plan.
+struct GatherScratch {
+  std::vector<float> acc, row;
+  explicit GatherScratch(int d) : acc(static_cast<std::size_t>(d)), row(static_cast<std::size_t>(d)) {}
+};
+
+/// out = sum_e coef[e] * x[token[e]] over plan row r's entries, then re-rotated
+/// by `rotate` positions (0: none), rounded once to S.
+template <class S>
+void weighted_row(const RaggedPlan& p, std::int64_t r, const float* coef, const S* x, int d, std::int64_t rotate,
+                  GatherScratch& s, S* out) {
+  const std::int64_t e0 = p.row_ptr[r], e1 = p.row_ptr[r + 1];
+  // A kept token (one entry of weight 1, not moved) copies its storage bits,
+  // exactly what the accumulation below would round back to.
+  if (rotate == 0 && e1 == e0 + 1 && coef[e0] == 1.0f && copy_is_exact(x + p.token[e0] * d, d)) {
+    std::memcpy(out, x + p.token[e0] * d, static_cast<std::size_t>(d) * sizeof(S));
+    return;
+  }
+  float* acc = s.acc.data();
+  std::fill(acc, acc + d, 0.0f);
+  for (std::int64_t e = e0; e < e1; ++e) {
+    const float c = coef[e];
+    if (c == 0.0f) continue;
+    const float* row = rows_f32(x, p.token[e], 1, d, s.row.data());
+#pragma omp simd
+    for (int i = 0; i < d; ++i) acc[i] += c * row[i];
+  }
+  if (rotate != 0)
+    for (int i = 0; i < d / 2; ++i)
+      math::rope_rotate_pair(acc[i], acc[i + d / 2], i, d, static_cast<double>(rotate), p.rope_theta);
+  store_row(acc, d, out);
+}
+
+}  // namespace
 
 template <class S>
 void apply_ragged_plan(const RaggedPlan& plan, const S* k, const S* v, std::int64_t tokens, int head_dim, S* k_out,
                        S* v_out) {
   const int d = head_dim;
-  for (int h = 0; h < plan.heads; ++h) {
-    const S* kh = k + static_cast<std::int64_t>(h) * tokens * d;
-    const S* vh = v + static_cast<std::int64_t>(h) * tokens * d;
+  const std::int64_t rows = plan.offsets[plan.heads];
+  const std::int64_t* const heads_end = plan.offsets + plan.heads + 1;
+  // One parallel loop over every head's rows: no barrier per head.
 #pragma omp parallel
-    {
-      std::vector<float> ak(static_cast<std::size_t>(d)), av(static_cast<std::size_t>(d)), row(static_cast<std::size_t>(d));
+  {
+    GatherScratch s(d);
 #pragma omp for schedule(static)
-      for (std::int64_t r = plan.offsets[h]; r < plan.offsets[h + 1]; ++r) {
-        std::fill(ak.begin(), ak.end(), 0.0f);
-        std::fill(av.begin(), av.end(), 0.0f);
-        for (std::int64_t e = plan.row_ptr[r]; e < plan.row_ptr[r + 1]; ++e) {
-          const std::int64_t j = plan.token[e];
-          const float ck = plan.coef_k[e], cv = plan.coef_v[e];
-          if (ck != 0.0f) {
-            load_row(kh + j * d, d, row.data());
-#pragma omp simd
-            for (int i = 0; i < d; ++i) ak[static_cast<std::size_t>(i)] += ck * row[static_cast<std::size_t>(i)];
-          }
-          if (cv != 0.0f) {
-            load_row(vh + j * d, d, row.data());
-#pragma omp simd
-            for (int i = 0; i < d; ++i) av[static_cast<std::size_t>(i)] += cv * row[static_cast<std::size_t>(i)];
-          }
-        }
-        if (plan.rotate != nullptr && plan.rotate[r] != 0)
-          for (int i = 0; i < d / 2; ++i)
-            math::rope_rotate_pair(ak[static_cast<std::size_t>(i)], ak[static_cast<std::size_t>(i + d / 2)], i, d,
-                                   static_cast<double>(plan.rotate[r]), plan.rope_theta);
-        for (int i = 0; i < d; ++i) {
-          k_out[r * d + i] = from_f32<S>(ak[static_cast<std::size_t>(i)]);
-          v_out[r * d + i] = from_f32<S>(av[static_cast<std::size_t>(i)]);
-        }
-      }
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t h = std::upper_bound(plan.offsets, heads_end, r) - plan.offsets - 1;
+      const std::int64_t rotate = plan.rotate != nullptr ? plan.rotate[r] : 0;
+      weighted_row(plan, r, plan.coef_k, k + h * tokens * d, d, rotate, s, k_out + r * d);
+      weighted_row(plan, r, plan.coef_v, v + h * tokens * d, d, 0, s, v_out + r * d);
     }
   }
 }
+
+namespace {
+
+// decode_attention splits each kv head's slots into chunks of kChunk (a fixed
+// size, so every output's reduction order is the same for any thread count)
+// and walks a chunk in blocks of kBlock keys: a block's logits first, then one
+// max, rescale and exp pass, then the weighted V rows.
+constexpr std::int64_t kChunk = 512;
+constexpr int kBlock = 32;
+
+/// Softmax state of one q head over one chunk: running max m, normaliser l,
+/// unnormalised output acc (d floats).
+struct Partial {
+  float m = -INFINITY, l = 0.0f;
+  float* acc = nullptr;
+};
+
+/// One chunk of one kv head: the slots [first, last) and where its G partials live.
+struct Chunk {
+  int g = 0;
+  std::int64_t first = 0, last = 0;
+};
+
+/// out[j] = q_h . k_j for the n keys of `keys` and the G q heads of `qs`
+/// (pre-scaled, [G, d]); four heads per pass over each key.
+void block_logits(const float* qs, int G, const float* keys, int n, int d, float* out /* [G, kBlock] */) {
+  for (int j = 0; j < n; ++j) {
+    const float* kj = keys + static_cast<std::ptrdiff_t>(j) * d;
+    int h = 0;
+    for (; h + 4 <= G; h += 4) {
+      const float *q0 = qs + h * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int i = 0; i < d; ++i) {
+        s0 += q0[i] * kj[i];
+        s1 += q1[i] * kj[i];
+        s2 += q2[i] * kj[i];
+        s3 += q3[i] * kj[i];
+      }
+      out[h * kBlock + j] = s0;
+      out[(h + 1) * kBlock + j] = s1;
+      out[(h + 2) * kBlock + j] = s2;
+      out[(h + 3) * kBlock + j] = s3;
+    }
+    for (; h < G; ++h) out[h * kBlock + j] = dot(qs + h * d, kj, d);
+  }
+}
+
+/// Folds a block of n logits x (bias added) into p: logits become weights
+/// exp(x - max), the accumulator is rescaled once if the max moved.
+void fold_block(Partial& p, float* x, int n, int d) {
+  float mb = p.m;
+  for (int j = 0; j < n; ++j) mb = std::max(mb, x[j]);
+  if (mb > p.m) {
+    const float rescale = p.m == -INFINITY ? 0.0f : std::exp(p.m - mb);
+    p.l *= rescale;
+#pragma omp simd
+    for (int i = 0; i < d; ++i) p.acc[i] *= rescale;
+    p.m = mb;
+  }
+  for (int j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - p.m);
+    p.l += x[j];
+  }
+}
+
+/// acc += sum_j w[j] * rows[j] over n rows of d, j in order for every element.
+/// Tiles of kTile columns keep kTile / 8 independent register sums per row.
+void accumulate_rows(const float* w, const float* rows, int n, int d, float* acc) {
+  constexpr int kTile = 32;
+  int i0 = 0;
+  for (; i0 + kTile <= d; i0 += kTile) {
+    float a[kTile];
+    std::copy(acc + i0, acc + i0 + kTile, a);
+    for (int j = 0; j < n; ++j) {
+      const float* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
+#pragma omp simd
+      for (int t = 0; t < kTile; ++t) a[t] += w[j] * r[t];
+    }
+    std::copy(a, a + kTile, acc + i0);
+  }
+  for (int j = 0; j < n; ++j)
+    for (int i = i0; i < d; ++i) acc[i] += w[j] * rows[static_cast<std::ptrdiff_t>(j) * d + i];
+}
+
+/// The G partials of chunk c (q heads c.g*G ...), over K'/V' rows.
+template <class S>
+void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, const S* v, const float* log_bias,
+                  Partial* parts, std::vector<float>& kbuf, std::vector<float>& vbuf, std::vector<float>& x) {
+  for (std::int64_t j0 = c.first; j0 < c.last; j0 += kBlock) {
+    const int n = static_cast<int>(std::min<std::int64_t>(kBlock, c.last - j0));
+    block_logits(qs, G, rows_f32(k, j0, n, d, kbuf.data()), n, d, x.data());
+    for (int h = 0; h < G; ++h) {
+      float* xh = x.data() + h * kBlock;
+      if (log_bias != nullptr)
+        for (int j = 0; j < n; ++j) xh[j] += log_bias[j0 + j];
+      fold_block(parts[h], xh, n, d);
+    }
+    // The block's V rows are converted once for all G heads; each head's
+    // accumulator stays in registers across the block's rows.
+    const float* vr = rows_f32(v, j0, n, d, vbuf.data());
+    for (int h = 0; h < G; ++h) accumulate_rows(x.data() + h * kBlock, vr, n, d, parts[h].acc);
+  }
+}
+
+/// Fixed-size chunks of every kv head's slots, in order (an empty head gets one empty chunk).
+std::vector<Chunk> make_chunks(int kv_heads, const std::int64_t* offsets) {
+  std::vector<Chunk> chunks;
+  for (int g = 0; g < kv_heads; ++g) {
+    std::int64_t a = offsets[g];
+    do {
+      const std::int64_t b = std::min(a + kChunk, offsets[g + 1]);
+      chunks.push_back({g, a, b});
+      a = b;
+    } while (a < offsets[g + 1]);
+  }
+  return chunks;
+}
+
+/// out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M) over one q head's
+/// partials in chunk order (M = max m_c); 0 for a head without slots.
+void merge_partials(const Partial* parts, std::size_t n, std::size_t stride, int d, float* out) {
+  float M = -INFINITY;
+  for (std::size_t c = 0; c < n; ++c) M = std::max(M, parts[c * stride].m);
+  std::fill(out, out + d, 0.0f);
+  float l = 0.0f;
+  for (std::size_t c = 0; c < n; ++c) {
+    const Partial& p = parts[c * stride];
+    const float f = p.m == -INFINITY ? 0.0f : std::exp(p.m - M);
+    l += p.l * f;
+#pragma omp simd
+    for (int i = 0; i < d; ++i) out[i] += p.acc[i] * f;
+  }
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  for (int i = 0; i < d; ++i) out[i] *= inv;
+}
+
+}  // namespace
 
 template <class S>
 void decode_attention(const float* q, int q_heads, int kv_heads, int head_dim, const std::int64_t* offsets,
                       const S* k, const S* v, const float* log_bias, float* out) {
   const int d = head_dim, G = q_heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> qs(static_cast<std::size_t>(q_heads) * d);
+  for (std::size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
+  const std::vector<Chunk> chunks = make_chunks(kv_heads, offsets);
+  // parts[c * G + h]: chunk c, h-th q head of its group; accumulators in one buffer.
+  std::vector<Partial> parts(chunks.size() * static_cast<std::size_t>(G));
+  std::vector<float> accs(parts.size() * static_cast<std::size_t>(d), 0.0f);
+  for (std::size_t i = 0; i < parts.size(); ++i) parts[i].acc = accs.data() + i * static_cast<std::size_t>(d);
+  const auto n_chunks = static_cast<std::int64_t>(chunks.size());
 #pragma omp parallel
   {
-    std::vector<float> acc(static_cast<std::size_t>(d)), row(static_cast<std::size_t>(d)), qs(static_cast<std::size_t>(d));
+    std::vector<float> kbuf(static_cast<std::size_t>(kBlock) * d), vbuf(kbuf.size()),
+        x(static_cast<std::size_t>(G) * kBlock);
+#pragma omp for schedule(dynamic)
+    for (std::int64_t c = 0; c < n_chunks; ++c) {
+      const Chunk& ch = chunks[static_cast<std::size_t>(c)];
+      attend_chunk(ch, qs.data() + static_cast<std::ptrdiff_t>(ch.g) * G * d, G, d, k, v, log_bias,
+                   parts.data() + c * G, kbuf, vbuf, x);
+    }
 #pragma omp for schedule(static)
     for (int h = 0; h < q_heads; ++h) {
       const int g = h / G;
-      for (int i = 0; i < d; ++i) qs[static_cast<std::size_t>(i)] = q[static_cast<std::int64_t>(h) * d + i] * scale;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      math::OnlineSoftmax sm;
-      for (std::int64_t r = offsets[g]; r < offsets[g + 1]; ++r) {
-        load_row(k + r * d, d, row.data());
-        const float x = dot(qs.data(), row.data(), d) + (log_bias != nullptr ? log_bias[r] : 0.0f);
-        float w = 0.0f;
-        const float rescale = math::online_softmax_push(sm, x, &w);
-        load_row(v + r * d, d, row.data());
-#pragma omp simd
-        for (int i = 0; i < d; ++i) acc[static_cast<std::size_t>(i)] = acc[static_cast<std::size_t>(i)] * rescale + w * row[static_cast<std::size_t>(i)];
-      }
-      const float inv = sm.sum > 0.0f ? 1.0f / sm.sum : 0.0f;
-      for (int i = 0; i < d; ++i) out[static_cast<std::int64_t>(h) * d + i] = acc[static_cast<std::size_t>(i)] * inv;
+      const auto first = static_cast<std::size_t>(
+          std::find_if(chunks.begin(), chunks.end(), [g](const Chunk& ch) { return ch.g == g; }) - chunks.begin());
+      std::size_t n = 0;
+      while (first + n < chunks.size() && chunks[first + n].g == g) ++n;
+      merge_partials(parts.data() + first * static_cast<std::size_t>(G) + static_cast<std::size_t>(h % G), n,
+                     static_cast<std::size_t>(G), d, out + static_cast<std::ptrdiff_t>(h) * d);
     }
   }
 }

@@ -1,51 +1,129 @@
 #include "kvscope/opt/cpu/select.hpp"
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cmath>
 
 #include "instantiate.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
 namespace kvscope::opt::cpu {
+namespace {
+
+/// Key whose unsigned order is the selection order: score descending (the
+/// float's bits mapped to a monotone integer, -0 as +0 so they tie), then
+/// index ascending in the low 32 bits.
+std::uint64_t selection_key(float score, std::int64_t index) {
+  const auto u = std::bit_cast<std::uint32_t>(score == 0.0f ? 0.0f : score);
+  const std::uint32_t descending = (u >> 31) != 0 ? u : ~u & 0x7fffffffu;
+  return static_cast<std::uint64_t>(descending) << 32 | static_cast<std::uint32_t>(index);
+}
+
+bool fits_in_key(std::span<const std::int64_t> candidates) {
+  return std::all_of(candidates.begin(), candidates.end(),
+                     [](std::int64_t j) { return j >= 0 && j <= static_cast<std::int64_t>(UINT32_MAX); });
+}
+
+}  // namespace
 
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
            std::vector<std::int64_t>& kept) {
-  kept.assign(candidates.begin(), candidates.end());
-  const auto kk = static_cast<std::ptrdiff_t>(std::clamp<std::int64_t>(k, 0, static_cast<std::int64_t>(kept.size())));
+  const auto n = static_cast<std::ptrdiff_t>(candidates.size());
+  const auto kk = static_cast<std::ptrdiff_t>(std::clamp<std::int64_t>(k, 0, n));
   // A strict total order (score descending, then index ascending) makes the
   // kept set unique whatever nth_element's internal order.
-  const auto better = [scores](std::int64_t a, std::int64_t b) {
-    return scores[a] != scores[b] ? scores[a] > scores[b] : a < b;
-  };
-  if (kk < static_cast<std::ptrdiff_t>(kept.size())) std::nth_element(kept.begin(), kept.begin() + kk, kept.end(), better);
-  kept.resize(static_cast<std::size_t>(kk));
-  std::sort(kept.begin(), kept.end());
+  if (!fits_in_key(candidates)) {
+    kept.assign(candidates.begin(), candidates.end());
+    const auto better = [scores](std::int64_t a, std::int64_t b) {
+      return scores[a] != scores[b] ? scores[a] > scores[b] : a < b;
+    };
+    if (kk < n) std::nth_element(kept.begin(), kept.begin() + kk, kept.end(), better);
+    kept.resize(static_cast<std::size_t>(kk));
+    std::sort(kept.begin(), kept.end());
+    return;
+  }
+  // The same order on packed 64-bit keys: no indirect loads in the comparisons.
+  std::vector<std::uint64_t> keys(candidates.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = selection_key(scores[candidates[i]], candidates[i]);
+  kept.clear();
+  if (kk < n) {
+    std::nth_element(keys.begin(), keys.begin() + kk, keys.end());
+    // Kept = keys below the best one left out; a pass in candidate order
+    // yields them already sorted when the candidates are (the usual case).
+    const std::uint64_t bound = keys[static_cast<std::size_t>(kk)];
+    for (std::int64_t j : candidates)
+      if (selection_key(scores[j], j) < bound) kept.push_back(j);
+  } else {
+    kept.assign(candidates.begin(), candidates.end());
+  }
+  if (static_cast<std::ptrdiff_t>(kept.size()) != kk) {  // repeated candidates: take the k front keys
+    kept.resize(static_cast<std::size_t>(kk));
+    for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<std::int64_t>(keys[i] & UINT32_MAX);
+  }
+  if (!std::is_sorted(kept.begin(), kept.end())) std::sort(kept.begin(), kept.end());
 }
+
+namespace {
+
+/// 2^h for the half exponents |h| <= 74 that scale_exponent's range needs
+/// (frexpf exponents -148..128), so each row costs no ldexp call.
+float pow2(int h) {
+  static const std::array<float, 149> table = [] {
+    std::array<float, 149> t{};
+    for (int i = 0; i < 149; ++i) t[static_cast<std::size_t>(i)] = std::ldexp(1.0f, i - 74);
+    return t;
+  }();
+  return table[static_cast<std::size_t>(h + 74)];
+}
+
+/// Loads a key row as fp32, scaled by 2^-e (in two exact halves, e = its
+/// scale exponent) so the squared norms of tiny keys do not underflow nor
+/// those of huge keys overflow; returns its squared norm. A NaN anywhere makes
+/// the cosine NaN or 0 whatever the scale, so the max may ignore or keep it.
+template <class S>
+float load_scaled(const S* src, int d, float* row) {
+  load_row(src, d, row);
+  float max_abs = 0.0f;
+#pragma omp simd reduction(max : max_abs)
+  for (int i = 0; i < d; ++i) max_abs = std::max(max_abs, std::abs(row[i]));
+  const int e = math::scale_exponent(max_abs);
+  if (e != 0) {
+    const int h1 = -e / 2;
+    const float f1 = pow2(h1), f2 = pow2(-e - h1);
+#pragma omp simd
+    for (int i = 0; i < d; ++i) row[i] = row[i] * f1 * f2;
+  }
+  return dot(row, row, d);
+}
+
+// Pairs per work item: each item loads one row more than it has pairs.
+constexpr std::int64_t kPairsPerItem = 256;
+
+}  // namespace
 
 template <class S>
 void adjacent_key_cosine(const LayerShape& s, const S* k, float* out) {
-  const std::int64_t T = s.tokens;
+  const std::int64_t T = s.tokens, pairs = T - 1;
   const int d = s.head_dim;
   if (T < 2) return;
+  const std::int64_t per_head = (pairs + kPairsPerItem - 1) / kPairsPerItem;
 #pragma omp parallel
   {
     std::vector<float> a(static_cast<std::size_t>(d)), b(static_cast<std::size_t>(d));
 #pragma omp for schedule(static)
-    for (std::int64_t r = 0; r < static_cast<std::int64_t>(s.kv_heads) * (T - 1); ++r) {
-      const std::int64_t h = r / (T - 1), j = r % (T - 1);
-      load_row(k + (h * T + j) * d, d, a.data());
-      load_row(k + (h * T + j + 1) * d, d, b.data());
-      // Cosine is scale-free: scaling each key by a power of two (exact) keeps
-      // the squared norms of tiny keys from underflowing (and huge ones from overflowing).
-      for (std::vector<float>* x : {&a, &b}) {
-        float max_abs = 0.0f;
-        for (float v : *x) max_abs = std::max(max_abs, std::abs(v));
-        const int e = math::scale_exponent(max_abs), h1 = -e / 2, h2 = -e - h1;
-        const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);
-        if (e != 0)
-          for (float& v : *x) v = v * f1 * f2;
+    for (std::int64_t item = 0; item < s.kv_heads * per_head; ++item) {
+      const std::int64_t h = item / per_head, j0 = item % per_head * kPairsPerItem;
+      const std::int64_t j1 = std::min(j0 + kPairsPerItem, pairs);
+      const S* kh = k + h * T * d;
+      // Row j + 1 of pair j is row j of pair j + 1: convert and scale each row once.
+      float na = load_scaled(kh + j0 * d, d, a.data());
+      for (std::int64_t j = j0; j < j1; ++j) {
+        const float nb = load_scaled(kh + (j + 1) * d, d, b.data());
+        out[h * pairs + j] = math::cosine(dot(a.data(), b.data(), d), na, nb);
+        std::swap(a, b);
+        na = nb;
       }
-      out[r] = math::cosine(dot(a.data(), b.data(), d), dot(a.data(), a.data(), d), dot(b.data(), b.data(), d));
     }
   }
 }

@@ -30,4 +30,34 @@ void load_row(const bf16* src, std::int64_t n, float* dst) {
   }
 }
 
+void store_row(const float* src, std::int64_t n, float* dst) { std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float)); }
+
+void store_row(const float* src, std::int64_t n, f16* dst) {
+  std::int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // vcvtps2ph keeps a NaN's payload; Eigen's conversion makes it 0x7e00 with the sign.
+    const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+    const __m128i quiet = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))), _mm_set1_epi16(0x7e00));
+    h = _mm_blendv_epi8(h, quiet, nan16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = from_f32<f16>(src[i]);
+}
+
+void store_row(const float* src, std::int64_t n, bf16* dst) {
+  // Round to nearest even on the bits (Eigen's rule), in a loop the compiler vectorises.
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, src + i, sizeof u);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const auto rounded = static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    dst[i] = Eigen::numext::bit_cast<bf16>(nan ? static_cast<std::uint16_t>((u >> 16 & 0x8000u) | 0x7fc0u) : rounded);
+  }
+}
+
 }  // namespace kvscope::opt::cpu

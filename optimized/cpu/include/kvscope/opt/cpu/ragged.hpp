@@ -21,7 +21,9 @@ void apply_ragged_plan(const RaggedPlan& plan, const S* k, const S* v, std::int6
                        S* v_out);
 
 /// o_h = softmax(q_h K'^T / sqrt(d) + bias) V' for every q head over its kv
-/// head's slots, in one pass (online softmax). q: [q_heads, d] fp32;
+/// head's slots: online softmax over fixed-size chunks of slots (each kv
+/// head's K'/V' read once for its G q heads), chunks merged in order, so the
+/// result is the same for every thread count. q: [q_heads, d] fp32;
 /// log_bias (nullable): per slot, added to the logit (log-count for merged
 /// slots). out: [q_heads, d].
 template <class S>

@@ -31,6 +31,13 @@ void load_row(const float* src, std::int64_t n, float* dst);
 void load_row(const f16* src, std::int64_t n, float* dst);
 void load_row(const bf16* src, std::int64_t n, float* dst);
 
+/// Converts n fp32 values to storage, bit-identical to from_f32<S> on every
+/// input (round to nearest even; NaN becomes Eigen's quiet NaN with the sign
+/// kept). Vectorised: F16C's vcvtps2ph for fp16, integer rounding for bf16.
+void store_row(const float* src, std::int64_t n, float* dst);
+void store_row(const float* src, std::int64_t n, f16* dst);
+void store_row(const float* src, std::int64_t n, bf16* dst);
+
 /// Calls f(S{}) with the storage type of `t`.
 template <class F>
 decltype(auto) dispatch_storage(DType t, F&& f) {
