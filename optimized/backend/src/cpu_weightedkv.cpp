@@ -1,6 +1,7 @@
 // WeightedKV prefill on the CPU. Streaming (the default): the hot part, each
 // prompt query's attention over the current slots (every q head of the group,
-// softmax, group reduction), is the group_slot_attention kernel; the
+// softmax, group reduction), is group_block_logits (one GEMM per 64 prompt
+// queries against every key they may see) then group_slot_softmax; the
 // drop-and-merge loop (victim, neighbour, lambda) is the reference's one
 // implementation, ref::weightedkv_stream / weightedkv_compress. One kv head
 // per thread: each head's loop is sequential and independent. One-shot: the

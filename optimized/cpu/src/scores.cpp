@@ -16,6 +16,8 @@ namespace {
 
 /// Prefill queries per block of accumulated_attention.
 constexpr std::int64_t kQueryBlock = 64;
+/// Logits (floats) window_scores keeps at once: 8 MiB, well inside the L3.
+constexpr std::int64_t kLogitFloats = std::int64_t{2} << 20;
 
 }  // namespace
 
@@ -26,45 +28,48 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   std::fill(out, out + s.q_heads * T, 0.0f);
   if (w == 0) return;
-  const std::int64_t R = G * w;  // every window query of the group
+  const std::int64_t R = G * w;  // every window query of a group
   const std::int64_t blocks = (T + kKeyBlock - 1) / kKeyBlock;
-  std::vector<float> logits(static_cast<std::size_t>(R * T)), Q(static_cast<std::size_t>(R * d));
-  // The query row r = (q head g*G + r / w, token T - w + r % w) sees keys 0..t.
+  // kv heads per pass: as many as keep their logits within kLogitFloats (in
+  // cache), so small windows (TOVA's one query) share one parallel region.
+  const int heads = static_cast<int>(std::clamp<std::int64_t>(kLogitFloats / std::max<std::int64_t>(1, R * T), 1, s.kv_heads));
+  std::vector<float> logits(static_cast<std::size_t>(heads * R * T)), Q(static_cast<std::size_t>(heads * R * d));
+  // Row r of a group = (q head r / w, token T - w + r % w), which sees keys 0..t.
   const auto last_key = [&](std::int64_t r) { return T - w + r % w; };
-  for (int g = 0; g < s.kv_heads; ++g) {
-    // The group's window queries, pre-scaled.
-    for (int i = 0; i < G; ++i) load_rows(q, g * G + i, T, d, T - w, w, scale, &Q[static_cast<std::size_t>(i * w * d)]);
-    const S* kg = k + static_cast<std::int64_t>(g) * T * d;
+  for (int g0 = 0; g0 < s.kv_heads; g0 += heads) {
+    const int nh = std::min(heads, s.kv_heads - g0);
+    // The groups' window queries, pre-scaled.
+    for (int e = 0; e < nh * G; ++e) load_rows(q, g0 * G + e, T, d, T - w, w, scale, &Q[static_cast<std::size_t>(e * w * d)]);
 #pragma omp parallel
     {
       std::vector<float> kb(static_cast<std::size_t>(kKeyBlock * d));
 #pragma omp for schedule(static)
-      for (std::int64_t b = 0; b < blocks; ++b) {
-        const std::int64_t j0 = b * kKeyBlock, n = std::min(kKeyBlock, T - j0);
-        load_row(kg + j0 * d, n * d, kb.data());
-        gemm_qkt(Q.data(), R, kb.data(), n, d, &logits[static_cast<std::size_t>(j0)], T);
+      for (std::int64_t item = 0; item < nh * blocks; ++item) {
+        const std::int64_t gh = item / blocks, j0 = item % blocks * kKeyBlock, n = std::min(kKeyBlock, T - j0);
+        load_row(k + ((g0 + gh) * T + j0) * d, n * d, kb.data());
+        gemm_qkt(&Q[static_cast<std::size_t>(gh * R * d)], R, kb.data(), n, d, &logits[static_cast<std::size_t>(gh * R * T + j0)], T);
       }
 #pragma omp for schedule(static)
-      for (std::int64_t r = 0; r < R; ++r) detail::softmax_inplace(&logits[static_cast<std::size_t>(r * T)], last_key(r) + 1);
+      for (std::int64_t r = 0; r < nh * R; ++r)
+        detail::softmax_inplace(&logits[static_cast<std::size_t>(r * T)], last_key(r % R) + 1);
       // Reduce each q head's w rows column block by column block, rows in order.
-#pragma omp for collapse(2) schedule(static)
-      for (int i = 0; i < G; ++i)
-        for (std::int64_t b = 0; b < blocks; ++b) {
-          float* acc = out + (g * G + i) * T;  // probabilities are >= 0: 0 is also the max identity
-          const std::int64_t j0 = b * kKeyBlock, j1 = std::min(T, j0 + kKeyBlock);
-          for (std::int64_t r = i * w; r < (i + 1) * w; ++r) {
-            const float* p = &logits[static_cast<std::size_t>(r * T)];
-            const std::int64_t end = std::min(j1, last_key(r) + 1);
-            if (rows == Reduce::kMax) {
-              for (std::int64_t j = j0; j < end; ++j) acc[j] = std::max(acc[j], p[j]);
-            } else {
+#pragma omp for schedule(static)
+      for (std::int64_t item = 0; item < nh * G * blocks; ++item) {
+        const std::int64_t e = item / blocks, j0 = item % blocks * kKeyBlock, j1 = std::min(T, j0 + kKeyBlock);
+        float* acc = out + (g0 * G + e) * T;  // probabilities are >= 0: 0 is also the max identity
+        for (std::int64_t r = e * w; r < (e + 1) * w; ++r) {
+          const float* p = &logits[static_cast<std::size_t>(r * T)];
+          const std::int64_t end = std::min(j1, last_key(r % R) + 1);
+          if (rows == Reduce::kMax) {
+            for (std::int64_t j = j0; j < end; ++j) acc[j] = std::max(acc[j], p[j]);
+          } else {
 #pragma omp simd
-              for (std::int64_t j = j0; j < end; ++j) acc[j] += p[j];
-            }
+            for (std::int64_t j = j0; j < end; ++j) acc[j] += p[j];
           }
-          if (rows == Reduce::kMean)
-            for (std::int64_t j = j0; j < j1; ++j) acc[j] /= static_cast<float>(w);
         }
+        if (rows == Reduce::kMean)
+          for (std::int64_t j = j0; j < j1; ++j) acc[j] /= static_cast<float>(w);
+      }
     }
   }
 }

@@ -163,14 +163,18 @@ Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer
       for (const Merge& g : pass.merges)
         for (std::int64_t to : g.to)
           for (const auto& [j, w] : rows[static_cast<std::size_t>(g.from)]) rows[static_cast<std::size_t>(to)][j] += g.coef * w;
-      std::vector<std::int64_t> k2;
-      std::vector<std::map<std::int64_t, double>> r2;
+      // Keep the kept slots in place (kept is ascending): no per-step rebuild.
+      std::size_t n = 0;
       for (std::int64_t s : pass.kept) {
-        k2.push_back(key[static_cast<std::size_t>(s)]);
-        r2.push_back(std::move(rows[static_cast<std::size_t>(s)]));
+        const auto from = static_cast<std::size_t>(s);
+        if (from != n) {
+          key[n] = key[from];
+          rows[n] = std::move(rows[from]);
+        }
+        ++n;
       }
-      key = std::move(k2);
-      rows = std::move(r2);
+      key.resize(n);
+      rows.resize(n);
     }
     if (attend) attend(t, key);
   }
