@@ -371,14 +371,23 @@ TEST(CpuKernels, GroupBlockLogitsThenSlotSoftmaxIsTheGroupsSoftmaxOverTheSlots) 
         // Query 36 inside the block of prompt queries [32, 40); its logit rows are NaN-poisoned first.
         const std::int64_t t0 = 32, n = T - t0;
         std::vector<float> scratch(static_cast<std::size_t>(m)), out(static_cast<std::size_t>(m), std::nanf(""));
-        std::vector<float> k32(static_cast<std::size_t>(T * d)), block(static_cast<std::size_t>(3 * n * T), std::nanf(""));
+        // The block's logit columns: the slots' keys gathered in reverse order
+        // (so columns differ from token indices); slot j is column m - 1 - j.
+        std::vector<float> k32(static_cast<std::size_t>(T * d)), gathered(static_cast<std::size_t>(m * d)),
+            block(static_cast<std::size_t>(3 * n * m), std::nanf(""));
+        std::vector<std::int64_t> cols(static_cast<std::size_t>(m));
         opt::cpu::dispatch_storage(t, [&](auto tag) {
           using S = decltype(tag);
           opt::cpu::load_row(k.storage.data<S>() + static_cast<std::int64_t>(g) * T * d, T * d, k32.data());
-          opt::cpu::group_block_logits(s, q.storage.data<S>(), k32.data(), g, t0, n, block.data());
+          for (std::int64_t j = 0; j < m; ++j) {
+            cols[static_cast<std::size_t>(j)] = m - 1 - j;
+            std::copy_n(&k32[static_cast<std::size_t>(keys[static_cast<std::size_t>(j)] * d)], d,
+                        &gathered[static_cast<std::size_t>((m - 1 - j) * d)]);
+          }
+          opt::cpu::group_block_logits(s, q.storage.data<S>(), gathered.data(), m, g, t0, n, block.data());
         });
         for (float x : block) ASSERT_FALSE(std::isnan(x)) << "block logits leave an entry unwritten";
-        opt::cpu::group_slot_softmax(&block[static_cast<std::size_t>((36 - t0) * T)], n * T, 3, keys.data(), m, cr,
+        opt::cpu::group_slot_softmax(&block[static_cast<std::size_t>((36 - t0) * m)], n * m, 3, cols.data(), m, cr,
                                      scratch.data(), out.data());
         std::vector<VecX> per_q;
         for (int h = 0; h < hq; ++h) {

@@ -99,21 +99,21 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 }
 
 template <class S>
-void group_block_logits(const LayerShape& s, const S* q, const float* k_head, int kv, std::int64_t t0, std::int64_t n,
-                        float* out) {
+void group_block_logits(const LayerShape& s, const S* q, const float* keys, std::int64_t n_keys, int kv, std::int64_t t0,
+                        std::int64_t n, float* out) {
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   std::vector<float> Q(static_cast<std::size_t>(G * n * d));
   for (int i = 0; i < G; ++i)
     detail::load_rows(q, static_cast<std::int64_t>(kv) * G + i, s.tokens, d, t0, n, scale, &Q[static_cast<std::size_t>(i * n * d)]);
-  detail::gemm_qkt(Q.data(), G * n, k_head, t0 + n, d, out, t0 + n);
+  detail::gemm_qkt(Q.data(), G * n, keys, n_keys, d, out, n_keys);
 }
 
-void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, const std::int64_t* keys,
+void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, const std::int64_t* cols,
                         std::int64_t m, Reduce r, float* scratch, float* out) {
   for (int i = 0; i < group; ++i) {
     const float* row = rows + i * head_stride;
-    for (std::int64_t j = 0; j < m; ++j) scratch[j] = row[keys[j]];
+    for (std::int64_t j = 0; j < m; ++j) scratch[j] = row[cols[j]];
     detail::softmax_inplace(scratch, m);
     if (i == 0) {
       std::copy(scratch, scratch + m, out);
@@ -131,8 +131,8 @@ void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, 
 #define KVSCOPE_MERGING(S)                                                                                       \
   template void gaussian_merge_weights<S>(const S*, std::int64_t, int, const std::int64_t*, const std::int64_t*, \
                                           std::int64_t, SigmaMode, float, float*);                               \
-  template void group_block_logits<S>(const LayerShape&, const S*, const float*, int, std::int64_t, std::int64_t, \
-                                      float*);
+  template void group_block_logits<S>(const LayerShape&, const S*, const float*, std::int64_t, int, std::int64_t, \
+                                      std::int64_t, float*);
 KVSCOPE_CPU_INSTANTIATE(KVSCOPE_MERGING)
 
 }  // namespace kvscope::opt::cpu

@@ -37,19 +37,18 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 
 /// WeightedKV's streaming prefill, in two steps. First, for a block of
 /// prompt queries [t0, t0 + n), the pre-scaled logits of kv head `kv`'s GQA
-/// group against every key they may see, keys [0, t0 + n), by one GEMM:
-/// out[(i * n + u) * (t0 + n) + j] = q_{kv*G+i, t0+u} . k_j / sqrt(d), with
-/// k_head the kv head's keys already in fp32 ([tokens, d], converted once).
+/// group against the n_keys fp32 key rows `keys` ([n_keys, d]: the keys those
+/// queries may see, gathered by the caller) by one GEMM:
+/// out[(i * n + u) * n_keys + c] = q_{kv*G+i, t0+u} . keys_c / sqrt(d).
 /// Serial (callers run one kv head per thread).
 template <class S>
-void group_block_logits(const LayerShape& s, const S* q, const float* k_head, int kv, std::int64_t t0, std::int64_t n,
-                        float* out);
+void group_block_logits(const LayerShape& s, const S* q, const float* keys, std::int64_t n_keys, int kv, std::int64_t t0,
+                        std::int64_t n, float* out);
 
-/// Then per query: the softmax of each of the G q heads over the keys
-/// keys[0..m) (gathered from its logit row: head i's row at rows + i *
-/// head_stride), reduced over the group (sum, mean, max): out[m].
-/// scratch: m floats. Serial.
-void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, const std::int64_t* keys,
+/// Then per query: the softmax of each of the G q heads over the columns
+/// cols[0..m) of its logit row (head i's row at rows + i * head_stride),
+/// reduced over the group (sum, mean, max): out[m]. scratch: m floats. Serial.
+void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, const std::int64_t* cols,
                         std::int64_t m, Reduce r, float* scratch, float* out);
 
 }  // namespace kvscope::opt::cpu
