@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <utility>
 
 #include "kvscope/core/tolerance.hpp"
 #include "kvscope/opt/cpu/evict_merge.hpp"
@@ -29,6 +30,24 @@ using ref::VecX;
 namespace {
 
 constexpr DType kDtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+
+/// run() on 1 and on 3 OpenMP threads (the thread count restored after).
+template <class F>
+std::pair<std::vector<float>, std::vector<float>> on_1_and_3_threads(F&& run) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  std::vector<float> one = run();
+  omp_set_num_threads(3);
+  std::vector<float> three = run();
+  omp_set_num_threads(saved);
+  return {std::move(one), std::move(three)};
+}
+
+/// Same size and the same bits.
+void expect_same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+}
 
 /// A [heads, T, d] tensor of standard normals rounded to `t`, its storage, and per-head double views.
 struct Heads {
@@ -274,19 +293,15 @@ TEST(CpuKernels, DecodeAttentionMatchesReferenceWithAndWithoutLogCountBias) {
 TEST(CpuKernels, ResultsAreBitwiseIdenticalAcrossThreadCounts) {
   const opt::cpu::LayerShape s{8, 2, 32, 301};
   const Heads q = random_heads(8, 301, 32, DType::kF16, 17), k = random_heads(2, 301, 32, DType::kF16, 18);
-  auto run = [&](int threads) {
-    omp_set_num_threads(threads);
+  auto run = [&] {
     std::vector<float> w(8 * 301), a(8 * 301);
     opt::cpu::window_scores(s, q.storage.data<opt::cpu::f16>(), k.storage.data<opt::cpu::f16>(), 32, opt::cpu::Reduce::kSum, w.data());
     opt::cpu::accumulated_attention(s, q.storage.data<opt::cpu::f16>(), k.storage.data<opt::cpu::f16>(), false, a.data());
     w.insert(w.end(), a.begin(), a.end());
     return w;
   };
-  const int saved = omp_get_max_threads();
-  const std::vector<float> one = run(1), three = run(3);
-  omp_set_num_threads(saved);
-  ASSERT_EQ(one.size(), three.size());
-  EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
+  const auto [one, three] = on_1_and_3_threads(run);
+  expect_same_bits(one, three);
 }
 
 TEST(CpuKernels, AdjacentCosinesOfKeysNearUnderflowKeepTheirDirection) {
@@ -513,17 +528,14 @@ TEST(CpuKernels, DecodeAttentionOverManyChunksMatchesReferenceOnAnyThreadCount) 
   const std::int64_t offsets[] = {0, 1300, 1337};
   const Heads k = random_heads(1, 1337, d, DType::kF16, 31), v = random_heads(1, 1337, d, DType::kF16, 32),
               q = random_heads(Hq, 1, d, DType::kF32, 33);
-  auto run = [&](int threads) {
-    omp_set_num_threads(threads);
+  auto run = [&] {
     std::vector<float> out(Hq * d, NAN);
     opt::cpu::decode_attention<opt::cpu::f16>(q.tensor.data.data(), Hq, Hkv, d, offsets, k.storage.data<opt::cpu::f16>(),
                                               v.storage.data<opt::cpu::f16>(), nullptr, out.data());
     return out;
   };
-  const int saved = omp_get_max_threads();
-  const std::vector<float> one = run(1), three = run(3);
-  omp_set_num_threads(saved);
-  EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
+  const auto [one, three] = on_1_and_3_threads(run);
+  expect_same_bits(one, three);
   for (int h = 0; h < Hq; ++h) {
     const std::int64_t first = offsets[h / 2], n = offsets[h / 2 + 1] - first;
     const VecX want = ref::attend(q.mats[static_cast<std::size_t>(h)].row(0).transpose(), k.mats[0].middleRows(first, n),
@@ -570,8 +582,7 @@ TEST(CpuKernels, GatherAndCosinesAreBitwiseIdenticalAcrossThreadCounts) {
   for (int h = 0; h < H; ++h) plans.push_back(random_plan(T, rng, h == 1));
   const opt::FlatPlans flat = opt::flatten(plans);
   const opt::cpu::RaggedPlan rp = flat.view(10000.0);
-  auto run = [&](int threads) {
-    omp_set_num_threads(threads);
+  auto run = [&] {
     opt::StorageBuffer ko(DType::kBF16, flat.offsets.back() * d), vo(DType::kBF16, flat.offsets.back() * d);
     opt::cpu::apply_ragged_plan<opt::cpu::bf16>(rp, k.storage.data<opt::cpu::bf16>(), v.storage.data<opt::cpu::bf16>(), T, d,
                                                 ko.data<opt::cpu::bf16>(), vo.data<opt::cpu::bf16>());
@@ -580,11 +591,8 @@ TEST(CpuKernels, GatherAndCosinesAreBitwiseIdenticalAcrossThreadCounts) {
     for (std::int64_t i = 0; i < flat.offsets.back() * d; ++i) out.push_back(ko.get(i)), out.push_back(vo.get(i));
     return out;
   };
-  const int saved = omp_get_max_threads();
-  const std::vector<float> one = run(1), three = run(3);
-  omp_set_num_threads(saved);
-  ASSERT_EQ(one.size(), three.size());
-  EXPECT_EQ(std::memcmp(one.data(), three.data(), one.size() * sizeof(float)), 0);
+  const auto [one, three] = on_1_and_3_threads(run);
+  expect_same_bits(one, three);
 }
 
 TEST(CpuKernels, TopKOfShuffledCandidatesWithSignedZerosEqualsReference) {

@@ -88,13 +88,16 @@ void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::i
   if (budget >= T || budget <= sinks || sinks < 0) return;  // nothing evicted (or refused by the caller)
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const std::int64_t recent = budget - sinks, wn = std::min(width, recent);
-  // Cache slot i of query t: the first `sinks` tokens, then the most recent ones.
-  const auto token_at = [&](std::int64_t t, std::int64_t i) { return t + 1 <= budget || i < sinks ? i : i + t + 1 - budget; };
-  const auto cache_len = [&](std::int64_t t) { return std::min(t + 1, budget); };
   // Query t's cache is [0, min(sinks, t + 1)) + [window_start(t), t]: the sink
   // columns and one contiguous key range per block of queries, so each block's
   // logits are two GEMMs; the slots of each query are then gathered from them.
   const auto window_start = [&](std::int64_t t) { return std::max(sinks, t + 1 - recent); };
+  const auto cache_len = [&](std::int64_t t) { return std::min(t + 1, budget); };
+  // Cache slot i of query t: the sinks first, then the window in token order.
+  const auto token_at = [&](std::int64_t t, std::int64_t i) {
+    const std::int64_t n_sinks = std::min(sinks, t + 1);
+    return i < n_sinks ? i : window_start(t) + (i - n_sinks);
+  };
   constexpr std::int64_t kBlock = 128;
   const std::int64_t max_cols = sinks + recent + kBlock;
   std::vector<float> rows(static_cast<std::size_t>(kBlock * budget)), abar(static_cast<std::size_t>(T));
