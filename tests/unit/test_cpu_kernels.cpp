@@ -209,6 +209,34 @@ TEST(CpuKernels, TopKEqualsReferenceIncludingTies) {
   }
 }
 
+TEST(CpuKernels, TopKOfThousandsOfClusteredTiedAndOutlyingScoresEqualsReference) {
+  // Above the histogram threshold: scores bunched in a narrow range (key
+  // norms), exact ties, infinities and denormals that stretch the range, and
+  // budgets at both edges.
+  std::mt19937_64 rng(45);
+  std::normal_distribution<float> noise(0.0f, 1e-3f);
+  for (int trial = 0; trial < 60; ++trial) {
+    const std::int64_t n = 256 + static_cast<std::int64_t>(rng() % 5000);
+    std::vector<float> s(static_cast<std::size_t>(n));
+    VecX sd(n);
+    for (std::int64_t j = 0; j < n; ++j) {
+      float v = trial % 3 == 0 ? -11.3f + noise(rng) : trial % 3 == 1 ? static_cast<float>(rng() % 7) : std::ldexp(1.0f, -static_cast<int>(rng() % 140));
+      if (rng() % 500 == 0) v = rng() % 2 ? INFINITY : -INFINITY;
+      s[static_cast<std::size_t>(j)] = v, sd[j] = v;
+    }
+    std::vector<std::int64_t> cand;
+    for (std::int64_t j = 0; j < n; ++j)
+      if (rng() % 8 != 0) cand.push_back(j);
+    const auto nc = static_cast<std::int64_t>(cand.size());
+    const std::int64_t ks[] = {0, 1, nc / 2, nc - 1, nc, static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(nc))};
+    for (std::int64_t k : ks) {
+      std::vector<std::int64_t> kept;
+      opt::cpu::top_k(s.data(), cand, k, kept);
+      EXPECT_EQ(kept, ref::top_k(sd, cand, k).kept) << "trial " << trial << ", n " << n << ", k " << k;
+    }
+  }
+}
+
 /// A random plan over T tokens: one-hot, merged (weights), value-only and re-rotated rows.
 Plan random_plan(std::int64_t T, std::mt19937_64& rng, bool rerotated) {
   Plan p;

@@ -4,6 +4,10 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include "qk_blocks.hpp"
 #include "instantiate.hpp"
 
@@ -18,6 +22,74 @@ namespace {
 constexpr std::int64_t kQueryBlock = 64;
 /// Logits (floats) window_scores keeps at once: 8 MiB, well inside the L3.
 constexpr std::int64_t kLogitFloats = std::int64_t{2} << 20;
+/// Window queries per group up to which window_scores streams the keys past
+/// the queries (each key converted once, in L1) instead of packing them for a
+/// GEMM: with so few rows the packing costs more than the product, and the
+/// kernel is bound by reading K.
+constexpr std::int64_t kDirectRows = 8;
+
+#if defined(__AVX2__) && defined(__FMA__)
+float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+/// q . k over d floats as one eight-lane FMA chain and a fixed horizontal sum
+/// (d % 8 == 0 under AVX2); direct_qkt's blocked loop computes exactly this.
+float dot8(const float* q, const float* k, int d) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (d % 8 == 0) {
+    __m256 a = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a);
+    return hsum(a);
+  }
+#endif
+  return dot(q, k, d);
+}
+
+/// logits[r, j] (row stride ld) = Q[r] . k_j for R rows and n keys of storage,
+/// each logit equal to dot8(Q[r], k_j). Four keys by two rows at a time keep
+/// eight independent FMA chains; kbuf holds 4 * d floats.
+template <class S>
+void direct_qkt(const float* Q, std::int64_t R, const S* k, std::int64_t n, int d, float* kbuf, float* logits,
+                std::int64_t ld) {
+  std::int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (d % 8 == 0) {
+    for (; j + 4 <= n; j += 4) {
+      prefetch(reinterpret_cast<const char*>(k + j * d) + kPrefetchAhead, 4 * d * sizeof(S));
+      load_row(k + j * d, 4 * d, kbuf);
+      const float *k0 = kbuf, *k1 = kbuf + d, *k2 = kbuf + 2 * d, *k3 = kbuf + 3 * d;
+      std::int64_t r = 0;
+      for (; r + 2 <= R; r += 2) {
+        const float *qa = Q + r * d, *qb = qa + d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int c = 0; c < d; c += 8) {
+          const __m256 x = _mm256_loadu_ps(qa + c), y = _mm256_loadu_ps(qb + c);
+          const __m256 v0 = _mm256_loadu_ps(k0 + c), v1 = _mm256_loadu_ps(k1 + c), v2 = _mm256_loadu_ps(k2 + c),
+                       v3 = _mm256_loadu_ps(k3 + c);
+          a0 = _mm256_fmadd_ps(x, v0, a0), a1 = _mm256_fmadd_ps(x, v1, a1);
+          a2 = _mm256_fmadd_ps(x, v2, a2), a3 = _mm256_fmadd_ps(x, v3, a3);
+          b0 = _mm256_fmadd_ps(y, v0, b0), b1 = _mm256_fmadd_ps(y, v1, b1);
+          b2 = _mm256_fmadd_ps(y, v2, b2), b3 = _mm256_fmadd_ps(y, v3, b3);
+        }
+        float* la = logits + r * ld + j;
+        float* lb = la + ld;
+        la[0] = hsum(a0), la[1] = hsum(a1), la[2] = hsum(a2), la[3] = hsum(a3);
+        lb[0] = hsum(b0), lb[1] = hsum(b1), lb[2] = hsum(b2), lb[3] = hsum(b3);
+      }
+      for (; r < R; ++r)
+        for (int u = 0; u < 4; ++u) logits[r * ld + j + u] = dot8(Q + r * d, kbuf + u * d, d);
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    load_row(k + j * d, d, kbuf);
+    for (std::int64_t r = 0; r < R; ++r) logits[r * ld + j] = dot8(Q + r * d, kbuf, d);
+  }
+}
 
 }  // namespace
 
@@ -42,12 +114,20 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
     for (int e = 0; e < nh * G; ++e) load_rows(q, g0 * G + e, T, d, T - w, w, scale, &Q[static_cast<std::size_t>(e * w * d)]);
 #pragma omp parallel
     {
-      std::vector<float> kb(static_cast<std::size_t>(kKeyBlock * d));
+      const bool direct = R <= kDirectRows;
+      std::vector<float> kb(static_cast<std::size_t>((direct ? 4 : kKeyBlock) * d));
 #pragma omp for schedule(static)
       for (std::int64_t item = 0; item < nh * blocks; ++item) {
         const std::int64_t gh = item / blocks, j0 = item % blocks * kKeyBlock, n = std::min(kKeyBlock, T - j0);
-        load_row(k + ((g0 + gh) * T + j0) * d, n * d, kb.data());
-        gemm_qkt(&Q[static_cast<std::size_t>(gh * R * d)], R, kb.data(), n, d, &logits[static_cast<std::size_t>(gh * R * T + j0)], T);
+        const S* kj = k + ((g0 + gh) * T + j0) * d;
+        const float* Qg = &Q[static_cast<std::size_t>(gh * R * d)];
+        float* lg = &logits[static_cast<std::size_t>(gh * R * T + j0)];
+        if (direct) {
+          direct_qkt(Qg, R, kj, n, d, kb.data(), lg, T);
+        } else {
+          load_row(kj, n * d, kb.data());
+          gemm_qkt(Qg, R, kb.data(), n, d, lg, T);
+        }
       }
 #pragma omp for schedule(static)
       for (std::int64_t r = 0; r < nh * R; ++r)
@@ -118,6 +198,7 @@ void key_norm_scores(const LayerShape& s, const S* k, float* out) {
     std::vector<float> kj(static_cast<std::size_t>(d));
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < rows; ++r) {
+      prefetch(reinterpret_cast<const char*>(k + r * d) + kPrefetchAhead, d * sizeof(S));
       load_row(k + r * d, d, kj.data());
       out[r] = -std::sqrt(dot(kj.data(), kj.data(), d));
     }

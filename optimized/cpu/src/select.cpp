@@ -25,6 +25,43 @@ bool fits_in_key(std::span<const std::int64_t> candidates) {
                      [](std::int64_t j) { return j >= 0 && j <= static_cast<std::int64_t>(UINT32_MAX); });
 }
 
+/// Candidates below which a plain nth_element is as fast as the histogram.
+constexpr std::size_t kRadixMin = 256;
+/// Buckets of the histogram pass (fits in L1 with the keys streaming past).
+constexpr int kBucketBits = 11;
+
+/// The kk-th smallest of `keys` (1 <= kk <= size), in O(n): one histogram pass
+/// over the score halves, scaled to their [min, max] range so clustered scores
+/// (key norms, attention of one scale) still spread over the buckets, then an
+/// nth_element over the one bucket that holds the kk-th key.
+std::uint64_t kth_smallest(const std::vector<std::uint64_t>& keys, std::size_t kk) {
+  if (keys.size() < kRadixMin) {
+    std::vector<std::uint64_t> copy = keys;
+    std::nth_element(copy.begin(), copy.begin() + static_cast<std::ptrdiff_t>(kk - 1), copy.end());
+    return copy[kk - 1];
+  }
+  std::uint32_t lo = UINT32_MAX, hi = 0;
+  for (std::uint64_t key : keys) {
+    const auto top = static_cast<std::uint32_t>(key >> 32);
+    lo = std::min(lo, top), hi = std::max(hi, top);
+  }
+  int shift = 0;
+  while (((hi - lo) >> shift) >= (1u << kBucketBits)) ++shift;
+  const auto bucket = [&](std::uint64_t key) { return (static_cast<std::uint32_t>(key >> 32) - lo) >> shift; };
+  std::array<std::uint32_t, 1u << kBucketBits> count{};
+  for (std::uint64_t key : keys) ++count[bucket(key)];
+  std::uint32_t b = 0;
+  std::size_t below = 0;  // keys in buckets before b
+  while (below + count[b] < kk) below += count[b++];
+  std::vector<std::uint64_t> in_b;
+  in_b.reserve(count[b]);
+  for (std::uint64_t key : keys)
+    if (bucket(key) == b) in_b.push_back(key);
+  const std::size_t pos = kk - below - 1;
+  std::nth_element(in_b.begin(), in_b.begin() + static_cast<std::ptrdiff_t>(pos), in_b.end());
+  return in_b[pos];
+}
+
 }  // namespace
 
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
@@ -32,7 +69,7 @@ void top_k(const float* scores, std::span<const std::int64_t> candidates, std::i
   const auto n = static_cast<std::ptrdiff_t>(candidates.size());
   const auto kk = static_cast<std::ptrdiff_t>(std::clamp<std::int64_t>(k, 0, n));
   // A strict total order (score descending, then index ascending) makes the
-  // kept set unique whatever nth_element's internal order.
+  // kept set unique whatever the selection's internal order.
   if (!fits_in_key(candidates)) {
     kept.assign(candidates.begin(), candidates.end());
     const auto better = [scores](std::int64_t a, std::int64_t b) {
@@ -47,17 +84,23 @@ void top_k(const float* scores, std::span<const std::int64_t> candidates, std::i
   std::vector<std::uint64_t> keys(candidates.size());
   for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = selection_key(scores[candidates[i]], candidates[i]);
   kept.clear();
-  if (kk < n) {
-    std::nth_element(keys.begin(), keys.begin() + kk, keys.end());
-    // Kept = keys below the best one left out; a pass in candidate order
-    // yields them already sorted when the candidates are (the usual case).
-    const std::uint64_t bound = keys[static_cast<std::size_t>(kk)];
-    for (std::int64_t j : candidates)
-      if (selection_key(scores[j], j) < bound) kept.push_back(j);
-  } else {
+  if (kk == n) {
     kept.assign(candidates.begin(), candidates.end());
+  } else if (kk > 0) {
+    // Kept = keys up to the kk-th smallest; a pass in candidate order yields
+    // them already sorted when the candidates are (the usual case). Branch-free:
+    // about half the candidates are kept, in no predictable pattern.
+    const std::uint64_t last = kth_smallest(keys, static_cast<std::size_t>(kk));
+    kept.resize(candidates.size());
+    std::size_t m = 0;
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      kept[m] = candidates[i];
+      m += keys[i] <= last ? 1 : 0;
+    }
+    kept.resize(m);
   }
   if (static_cast<std::ptrdiff_t>(kept.size()) != kk) {  // repeated candidates: take the k front keys
+    std::nth_element(keys.begin(), keys.begin() + kk, keys.end());
     kept.resize(static_cast<std::size_t>(kk));
     for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<std::int64_t>(keys[i] & UINT32_MAX);
   }
@@ -119,6 +162,7 @@ void adjacent_key_cosine(const LayerShape& s, const S* k, float* out) {
       // Row j + 1 of pair j is row j of pair j + 1: convert and scale each row once.
       float na = load_scaled(kh + j0 * d, d, a.data());
       for (std::int64_t j = j0; j < j1; ++j) {
+        prefetch(reinterpret_cast<const char*>(kh + (j + 1) * d) + kPrefetchAhead, d * sizeof(S));
         const float nb = load_scaled(kh + (j + 1) * d, d, b.data());
         out[h * pairs + j] = math::cosine(dot(a.data(), b.data(), d), na, nb);
         std::swap(a, b);

@@ -13,7 +13,8 @@ namespace kvscope::opt::cpu {
 
 /// The k best of `candidates` by `scores` (indexed by token), written to
 /// `kept` in ascending token order. k is clamped to the candidate count.
-/// O(n) selection (nth_element) plus O(k log k) sort. Scores must not be NaN.
+/// O(n): a histogram pass over the scores, then nth_element inside one bucket.
+/// Scores must not be NaN.
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
            std::vector<std::int64_t>& kept);
 

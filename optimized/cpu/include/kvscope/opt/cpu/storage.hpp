@@ -5,6 +5,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <cstddef>
 #include <cstdint>
 
 #include "kvscope/core/dtype.hpp"
@@ -50,6 +51,17 @@ decltype(auto) dispatch_storage(DType t, F&& f) {
 }
 
 using kern::LayerShape;
+
+/// Bytes a streaming kernel hints ahead of the row it converts: this VM's
+/// hardware prefetcher alone left the K-streaming kernels at a third of the
+/// copy bandwidth (docs/performance.md, run 4).
+inline constexpr std::size_t kPrefetchAhead = 2048;
+
+/// Hints the `bytes` at p into the cache, one line at a time. A hint never
+/// faults, so it may run past the end of a buffer.
+inline void prefetch(const void* p, std::size_t bytes) {
+  for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
 
 /// fp32 dot product; `omp simd` lets the compiler vectorise the reduction in
 /// a fixed order (the same result on every run and thread count).
