@@ -41,12 +41,12 @@ class CaM final : public BackendMethod {
                                      c_.denominator == ref::CamDenominator::kMax, a, p.data());
       });
     }
-    std::vector<Plan> plans;
-    for (int h = 0; h < hkv; ++h) {
+    std::vector<Plan> plans(static_cast<std::size_t>(hkv));
+    parallel_heads(hkv, [&](int h) {
       const std::vector<double> ph(p.begin() + static_cast<std::ptrdiff_t>(h) * T,
                                    p.begin() + static_cast<std::ptrdiff_t>(h + 1) * T);
-      plans.push_back(ref::cam_stream(c_, T, budget, in.layer, h, ph).plan);
-    }
+      plans[static_cast<std::size_t>(h)] = ref::cam_stream(c_, T, budget, in.layer, h, ph).plan;
+    });
     return ref::LayerPlans::uniform(std::move(plans), budget);
   }
 

@@ -2,7 +2,9 @@
 // (cpu_<family>.cpp), registered in cpu_methods.cpp's makers() map.
 #pragma once
 
+#include <exception>
 #include <memory>
+#include <vector>
 
 #include "kvscope/opt/backend.hpp"
 #include "kvscope/opt/cpu/scores.hpp"
@@ -20,6 +22,25 @@ std::unique_ptr<BackendMethod> make_cpu_dynamickv(const ref::Params& p);
 /// The reference's reductions and pooling modes as the kernels' enums.
 cpu::Reduce to_cpu(ref::Reduce r);
 cpu::Pool to_cpu(ref::Pool p);
+
+/// f(h) for every kv head h on the OpenMP threads, one head per thread at a
+/// time (for per-head decision streams). An exception cannot leave an OpenMP
+/// region, so each head's is kept and the first in head order is rethrown
+/// once all heads are done.
+template <class F>
+void parallel_heads(int heads, F&& f) {
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(heads));
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int h = 0; h < heads; ++h) {
+    try {
+      f(h);
+    } catch (...) {
+      errors[static_cast<std::size_t>(h)] = std::current_exception();
+    }
+  }
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
+}
 
 /// Window scores of every q head, [q_heads, T] (cpu::window_scores on the layer's storage).
 std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cpu::Reduce rows);

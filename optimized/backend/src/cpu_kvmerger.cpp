@@ -5,6 +5,8 @@
 // reference's one implementation, ref::kvmerger_edges. The merged cache is
 // built from the plan's CSR rows by apply_ragged_plan like every other plan.
 #include <algorithm>
+#include <cmath>
+#include <span>
 
 #include "cpu_families.hpp"
 #include "kvscope/opt/cpu/merging.hpp"
@@ -19,6 +21,17 @@ cpu::SigmaMode sigma_of(ref::KVMergerConfig::Sigma s) {
   return s == ref::KVMergerConfig::Sigma::kFixed     ? cpu::SigmaMode::kFixed
          : s == ref::KVMergerConfig::Sigma::kLiteral ? cpu::SigmaMode::kLiteral
                                                      : cpu::SigmaMode::kMeanDistance;
+}
+
+/// ref::top_k's selection by the CPU kernel. The scores came from fp32, so the
+/// narrowing is exact; a NaN goes to ref::top_k, which raises its error.
+ref::Selection cpu_top_k(const ref::VecX& scores, std::span<const std::int64_t> candidates, std::int64_t k) {
+  for (std::int64_t j : candidates)
+    if (std::isnan(scores[j])) return ref::top_k(scores, candidates, k);
+  const Eigen::VectorXf s = scores.cast<float>();
+  ref::Selection out;
+  cpu::top_k(s.data(), candidates, k, out.kept);
+  return out;
 }
 
 class KVMergerCpu final : public BackendMethod {
@@ -48,17 +61,18 @@ class KVMergerCpu final : public BackendMethod {
     });
     cpu::group_reduce(acc.data(), hq, hkv, T, to_cpu(c_.gqa), score.data());
 
-    std::vector<Plan> plans;
-    std::vector<std::int64_t> begin, pivot, row;
-    std::vector<float> w(static_cast<std::size_t>(T));
-    std::vector<double> ck, cv;
-    for (int g = 0; g < hkv; ++g) {
+    // Heads in parallel, each head's decisions and weights on one thread.
+    std::vector<Plan> plans(heads);
+    parallel_heads(hkv, [&](int g) {
+      std::vector<std::int64_t> begin, pivot, row;
+      std::vector<float> w(static_cast<std::size_t>(T));
+      std::vector<double> ck, cv;
       const float* sc = score.data() + static_cast<std::int64_t>(g) * T;
       const float* co = cosine.data() + static_cast<std::int64_t>(g) * (T - 1);
       // The decisions, shared with the reference (fp32 -> double is exact, so ranks are unchanged).
       const ref::VecX s = Eigen::Map<const Eigen::VectorXf>(sc, T).cast<double>();
       const ref::VecX c = Eigen::Map<const Eigen::VectorXf>(co, std::max<std::int64_t>(T - 1, 0)).cast<double>();
-      const ref::KVMergerEdges edges = ref::kvmerger_edges(c, s, budget, c_);
+      const ref::KVMergerEdges edges = ref::kvmerger_edges(c, s, budget, c_, cpu_top_k);
       cpu::merge_runs(T, edges.merge.data(), sc, begin, pivot);
       const auto runs = static_cast<std::int64_t>(pivot.size());
       cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
@@ -66,7 +80,7 @@ class KVMergerCpu final : public BackendMethod {
         cpu::gaussian_merge_weights(in.k.data<S>() + static_cast<std::int64_t>(g) * T * d, T, d, begin.data(),
                                     pivot.data(), runs, sigma_of(c_.sigma_mode), static_cast<float>(c_.sigma), w.data());
       });
-      Plan p;
+      Plan& p = plans[static_cast<std::size_t>(g)];
       p.n = T;
       for (std::int64_t r = 0; r < runs; ++r) {
         const std::int64_t b = begin[static_cast<std::size_t>(r)], e = begin[static_cast<std::size_t>(r) + 1];
@@ -85,8 +99,7 @@ class KVMergerCpu final : public BackendMethod {
         }
         p.add_row(row, ck, cv, pivot[static_cast<std::size_t>(r)], e - b);
       }
-      plans.push_back(std::move(p));
-    }
+    });
     return ref::LayerPlans::uniform(std::move(plans), budget);
   }
 

@@ -45,16 +45,21 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
       float max_abs = 0.0f;
       for (std::int64_t i = b; i < e; ++i) {
         load_row(k_head + i * d, d, ki.data());
-        for (int c = 0; c < d; ++c) max_abs = std::max(max_abs, std::abs(kp[static_cast<std::size_t>(c)] - ki[static_cast<std::size_t>(c)]));
+        const float *a = kp.data(), *x = ki.data();
+#pragma omp simd reduction(max : max_abs)
+        for (int c = 0; c < d; ++c) max_abs = std::max(max_abs, std::abs(a[c] - x[c]));
       }
       const int ex = math::scale_exponent(max_abs), h1 = -ex / 2, h2 = -ex - h1;
       const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);  // 2^-ex in two exact steps
       dist2.assign(static_cast<std::size_t>(m), 0.0f);
       for (std::int64_t i = b; i < e; ++i) {
         load_row(k_head + i * d, d, ki.data());
+        const float *a = kp.data(), *y = ki.data();
+        // A vector reduction in the compiler's fixed order (same on every run and thread count).
         float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
         for (int c = 0; c < d; ++c) {
-          const float x = (kp[static_cast<std::size_t>(c)] - ki[static_cast<std::size_t>(c)]) * f1 * f2;
+          const float x = (a[c] - y[c]) * f1 * f2;
           acc += x * x;
         }
         dist2[static_cast<std::size_t>(i - b)] = acc;  // |k_p - k_i|^2 * 4^-ex

@@ -4,17 +4,17 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
 #include "qk_blocks.hpp"
+#include "simd.hpp"
 #include "instantiate.hpp"
 
 namespace kvscope::opt::cpu {
 using detail::gemm_qkt;
 using detail::kKeyBlock;
 using detail::load_rows;
+#if KVSCOPE_CPU_AVX2
+using detail::hsum;
+#endif
 
 namespace {
 
@@ -28,18 +28,10 @@ constexpr std::int64_t kLogitFloats = std::int64_t{2} << 20;
 /// kernel is bound by reading K.
 constexpr std::int64_t kDirectRows = 8;
 
-#if defined(__AVX2__) && defined(__FMA__)
-float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
 /// q . k over d floats as one eight-lane FMA chain and a fixed horizontal sum
 /// (d % 8 == 0 under AVX2); direct_qkt's blocked loop computes exactly this.
 float dot8(const float* q, const float* k, int d) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if KVSCOPE_CPU_AVX2
   if (d % 8 == 0) {
     __m256 a = _mm256_setzero_ps();
     for (int c = 0; c < d; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a);
@@ -56,7 +48,7 @@ template <class S>
 void direct_qkt(const float* Q, std::int64_t R, const S* k, std::int64_t n, int d, float* kbuf, float* logits,
                 std::int64_t ld) {
   std::int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if KVSCOPE_CPU_AVX2
   if (d % 8 == 0) {
     for (; j + 4 <= n; j += 4) {
       prefetch(reinterpret_cast<const char*>(k + j * d) + kPrefetchAhead, 4 * d * sizeof(S));

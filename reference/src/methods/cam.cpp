@@ -5,6 +5,8 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <utility>
+#include <vector>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/methods/streaming_llm.hpp"
@@ -144,6 +146,32 @@ void accumulate(std::vector<double>& abar, const std::vector<std::int64_t>& key,
       abar[static_cast<std::size_t>(key[s])] += probs[static_cast<std::size_t>(q)][static_cast<Eigen::Index>(s)] / g;
 }
 
+// A slot's value as a combination of original value rows: (token, coef_v)
+// sorted by token. Flat, because with a narrow window each eviction hands the
+// oldest slot's whole row to its neighbour, so rows grow to O(T) entries and a
+// node-based map made the stream dominate CaM's prefill.
+using ValueRow = std::vector<std::pair<std::int64_t, double>>;
+
+// to[j] += coef * from[j] for every token j of `from` (a sorted merge; scratch is reused).
+void add_scaled(ValueRow& to, const ValueRow& from, double coef, ValueRow& scratch) {
+  scratch.clear();
+  scratch.reserve(to.size() + from.size());
+  auto a = to.cbegin();
+  auto b = from.cbegin();
+  while (a != to.cend() || b != from.cend()) {
+    if (b == from.cend() || (a != to.cend() && a->first < b->first)) {
+      scratch.push_back(*a++);
+    } else if (a == to.cend() || b->first < a->first) {
+      scratch.emplace_back(b->first, 0.0 + coef * b->second);
+      ++b;
+    } else {
+      scratch.emplace_back(a->first, a->second + coef * b->second);
+      ++a, ++b;
+    }
+  }
+  to.swap(scratch);
+}
+
 // The prompt as a stream (the lm_eval simulation's per-position loop): token t
 // arrives, one pass evicts for space (gate probabilities from `prob` over the
 // current keys), then `attend(t, keys)` lets query t see the cached keys.
@@ -151,10 +179,12 @@ void accumulate(std::vector<double>& abar, const std::vector<std::int64_t>& key,
 // receives the smallest |u - p| of the Bernoulli draws.
 using AttendFn = std::function<void(std::int64_t t, const std::vector<std::int64_t>& key)>;
 using StreamProb = std::function<ProbFn(const std::vector<std::int64_t>& key)>;
+
 Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer, int h, const StreamProb& prob,
                  const AttendFn& attend, double* margin) {
   std::vector<std::int64_t> key;
-  std::vector<std::map<std::int64_t, double>> rows;  // per slot: token -> coef_v (its key token at 1)
+  std::vector<ValueRow> rows;  // per slot (its key token at coef_v 1 until it receives)
+  ValueRow scratch;
   for (std::int64_t t = 0; t < T; ++t) {
     key.push_back(t);
     rows.push_back({{t, 1.0}});
@@ -162,7 +192,7 @@ Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer
       const Pass pass = evict_pass(key, budget, 1, prob(key), c, layer, h, margin);
       for (const Merge& g : pass.merges)
         for (std::int64_t to : g.to)
-          for (const auto& [j, w] : rows[static_cast<std::size_t>(g.from)]) rows[static_cast<std::size_t>(to)][j] += g.coef * w;
+          add_scaled(rows[static_cast<std::size_t>(to)], rows[static_cast<std::size_t>(g.from)], g.coef, scratch);
       // Keep the kept slots in place (kept is ascending): no per-step rebuild.
       std::size_t n = 0;
       for (std::int64_t s : pass.kept) {
@@ -180,9 +210,10 @@ Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer
   }
   Plan p;
   p.n = T;
+  std::vector<std::int64_t> tok;
+  std::vector<double> ck, cv;
   for (std::size_t s = 0; s < key.size(); ++s) {
-    std::vector<std::int64_t> tok;
-    std::vector<double> ck, cv;
+    tok.clear(), ck.clear(), cv.clear();
     for (const auto& [j, w] : rows[s]) {
       tok.push_back(j);
       ck.push_back(j == key[s] ? 1.0 : 0.0);

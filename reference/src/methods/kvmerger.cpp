@@ -105,6 +105,13 @@ double relative_margin(const Selection& s, const VecX& score, std::span<const st
 }  // namespace
 
 KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t budget, const KVMergerConfig& c) {
+  return kvmerger_edges(cosine, score, budget, c, [](const VecX& s, std::span<const std::int64_t> cand, std::int64_t k) {
+    return top_k(s, cand, k);
+  });
+}
+
+KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t budget, const KVMergerConfig& c,
+                             const TopKFn& select) {
   const std::int64_t T = score.size();
   KVMergerEdges out;
   out.margin = std::numeric_limits<double>::infinity();
@@ -113,7 +120,7 @@ KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t
   std::vector<char> prot(static_cast<std::size_t>(T), 0);
   for (std::int64_t j = T - r; j < T; ++j) prot[static_cast<std::size_t>(j)] = 1;
   const std::vector<std::int64_t> heavy_candidates = index_range(0, T - r);
-  const Selection heavy = top_k(score, heavy_candidates, c.heavy_count(T));
+  const Selection heavy = select(score, heavy_candidates, c.heavy_count(T));
   if (!heavy.kept.empty()) out.margin = std::min(out.margin, relative_margin(heavy, score, heavy_candidates));
   for (std::int64_t j : heavy.kept) prot[static_cast<std::size_t>(j)] = 1;
   for (std::int64_t j = 0; j < T; ++j)
@@ -150,7 +157,7 @@ KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t
                       " merges of " + std::to_string(T) + " tokens, but only " + std::to_string(eligible.size()) +
                       " adjacent pairs are unprotected (" + std::to_string(r) + " recent + " +
                       std::to_string(heavy.kept.size()) + " heavy tokens protected)");
-    const Selection taken = top_k(cosine, rest, need);
+    const Selection taken = select(cosine, rest, need);
     if (std::isfinite(taken.margin)) out.margin = std::min(out.margin, taken.margin);  // cosines: scale 1
     for (std::int64_t j : taken.kept) merge[static_cast<std::size_t>(j)] = 1;
   }

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <span>
 #include <vector>
 
 #include "kvscope/reference/registry.hpp"
@@ -65,6 +67,13 @@ struct KVMergerEdges {
   double margin = 0;
 };
 KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t budget, const KVMergerConfig& c);
+
+/// The same decisions with the caller's top-k in place of ref::top_k (a
+/// backend's kernel, which must keep exactly ref::top_k's set and raise its
+/// errors). The edges' margin is only meaningful with ref::top_k's margins.
+using TopKFn = std::function<Selection(const VecX& scores, std::span<const std::int64_t> candidates, std::int64_t k)>;
+KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t budget, const KVMergerConfig& c,
+                             const TopKFn& select);
 
 /// One kv head's KVMerger plan over the T rows of K with pivot/heavy scores
 /// `score` (length T), for budget B. Throws Error(kImpossibleBudget) in budget
