@@ -1,6 +1,9 @@
 #include "kvscope/opt/backend.hpp"
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/opt/cpu/select.hpp"
@@ -54,6 +57,14 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
         throw Error(ErrorKind::kBadNumber, method + ": score of token " + std::to_string(j) + " of kv head " +
                                                std::to_string(h) + " is NaN");
   }
+  // A head whose scores and budget equal the previous head's (TOVA scores the
+  // layer once for every head) takes that head's plan instead of a top-k.
+  std::vector<char> repeats(static_cast<std::size_t>(scores.heads), 0);
+  for (int h = 1; h < scores.heads; ++h)
+    repeats[static_cast<std::size_t>(h)] =
+        head_budgets[static_cast<std::size_t>(h)] == head_budgets[static_cast<std::size_t>(h - 1)] &&
+        std::equal(scores.head(h), scores.head(h) + T, scores.head(h - 1),
+                   [](float a, float b) { return std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b); });
   std::vector<Plan> plans(static_cast<std::size_t>(scores.heads));
 #pragma omp parallel
   {
@@ -61,6 +72,7 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
 #pragma omp for schedule(dynamic, 1)
     for (int h = 0; h < scores.heads; ++h) {
       const std::int64_t budget = head_budgets[static_cast<std::size_t>(h)];
+      if (repeats[static_cast<std::size_t>(h)]) continue;
       if (budget >= T) {
         plans[static_cast<std::size_t>(h)] = Plan::identity(T);
         continue;
@@ -69,6 +81,8 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
       plans[static_cast<std::size_t>(h)] = Plan::keep(T, ref::merge_sorted(kept, prot));
     }
   }
+  for (int h = 1; h < scores.heads; ++h)
+    if (repeats[static_cast<std::size_t>(h)]) plans[static_cast<std::size_t>(h)] = plans[static_cast<std::size_t>(h) - 1];
   return plans;
 }
 
