@@ -18,6 +18,7 @@ template <class S>
 bool unit_row(const S* x, int d, float* u) {
   load_row(x, d, u);
   float m = 0.0f;
+#pragma omp simd reduction(max : m)
   for (int i = 0; i < d; ++i) m = std::max(m, std::abs(u[i]));
   const float scale = std::ldexp(1.0f, -math::scale_exponent(m));
   for (int i = 0; i < d; ++i) u[i] *= scale;
@@ -48,33 +49,52 @@ void centre_assignment(const S* k, const S* v, int head_dim, const std::int64_t*
     nzk[cu] = unit_row(k + centres[c] * d, d, &uk[cu * static_cast<std::size_t>(d)]);
     if (!keys_only) nzv[cu] = unit_row(v + centres[c] * d, d, &uv[cu * static_cast<std::size_t>(d)]);
   }
+  // Rest items in fixed blocks: each block's unit rows against every centre's
+  // is one GEMM per side (the block size never depends on the thread count).
+  constexpr std::int64_t kRestBlock = 64;
+  const std::int64_t blocks = (n_rest + kRestBlock - 1) / kRestBlock;
 #pragma omp parallel
   {
-    std::vector<float> xk(static_cast<std::size_t>(d)), xv(static_cast<std::size_t>(d));
+    const auto B = static_cast<std::size_t>(kRestBlock);
+    std::vector<float> xk(B * static_cast<std::size_t>(d)), xv(keys_only ? 0 : B * static_cast<std::size_t>(d));
+    std::vector<float> sk(B * C), sv(keys_only ? 0 : B * C);
+    std::vector<char> zk(B), zv(B, 0);
 #pragma omp for schedule(static)
-    for (std::int64_t i = 0; i < n_rest; ++i) {
-      const bool zk = !unit_row(k + rest[i] * d, d, xk.data());
-      const bool zv = !keys_only && !unit_row(v + rest[i] * d, d, xv.data());
-      float b = -INFINITY, s2 = -INFINITY, a = -INFINITY;
-      std::int64_t who = -1;
-      for (std::size_t c = 0; c < C; ++c) {
-        const float ck = zk || !nzk[c] ? 0.0f : dot(xk.data(), &uk[c * static_cast<std::size_t>(d)], d);
-        const float cv = keys_only ? 0.0f : zv || !nzv[c] ? 0.0f : dot(xv.data(), &uv[c * static_cast<std::size_t>(d)], d);
-        const float sim = math::ems_similarity(ck, cv, keys_only);
-        a = std::max(a, sim);
-        if (!can_take[c]) continue;
-        if (sim > b) {
-          s2 = b;
-          b = sim;
-          who = centres[c];
-        } else if (sim > s2) {
-          s2 = sim;
-        }
+    for (std::int64_t blk = 0; blk < blocks; ++blk) {
+      const std::int64_t i0 = blk * kRestBlock, m = std::min(kRestBlock, n_rest - i0);
+      for (std::int64_t u = 0; u < m; ++u) {
+        const auto uu = static_cast<std::size_t>(u);
+        zk[uu] = !unit_row(k + rest[i0 + u] * d, d, &xk[uu * static_cast<std::size_t>(d)]);
+        if (!keys_only) zv[uu] = !unit_row(v + rest[i0 + u] * d, d, &xv[uu * static_cast<std::size_t>(d)]);
       }
-      best[i] = b;
-      second[i] = s2;
-      any[i] = a;
-      centre[i] = b < tau ? -1 : who;  // the zero class
+      detail::gemm_qkt(xk.data(), m, uk.data(), n_centres, d, sk.data(), n_centres);
+      if (!keys_only) detail::gemm_qkt(xv.data(), m, uv.data(), n_centres, d, sv.data(), n_centres);
+      for (std::int64_t u = 0; u < m; ++u) {
+        const auto uu = static_cast<std::size_t>(u);
+        const float* rk = &sk[uu * C];
+        const float* rv = keys_only ? nullptr : &sv[uu * C];
+        float b = -INFINITY, s2 = -INFINITY, a = -INFINITY;
+        std::int64_t who = -1;
+        for (std::size_t c = 0; c < C; ++c) {
+          const float ck = zk[uu] || !nzk[c] ? 0.0f : rk[c];
+          const float cv = keys_only ? 0.0f : zv[uu] || !nzv[c] ? 0.0f : rv[c];
+          const float sim = math::ems_similarity(ck, cv, keys_only);
+          a = std::max(a, sim);
+          if (!can_take[c]) continue;
+          if (sim > b) {
+            s2 = b;
+            b = sim;
+            who = centres[c];
+          } else if (sim > s2) {
+            s2 = sim;
+          }
+        }
+        const std::int64_t i = i0 + u;
+        best[i] = b;
+        second[i] = s2;
+        any[i] = a;
+        centre[i] = b < tau ? -1 : who;  // the zero class
+      }
     }
   }
 }
@@ -93,10 +113,12 @@ void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::i
   // logits are two GEMMs; the slots of each query are then gathered from them.
   const auto window_start = [&](std::int64_t t) { return std::max(sinks, t + 1 - recent); };
   const auto cache_len = [&](std::int64_t t) { return std::min(t + 1, budget); };
-  // Cache slot i of query t: the sinks first, then the window in token order.
-  const auto token_at = [&](std::int64_t t, std::int64_t i) {
+  // Query t's cache slots as two runs of consecutive tokens, the sinks first,
+  // then the window: f(first slot, first token, length) for each.
+  const auto for_each_slot = [&](std::int64_t t, auto&& f) {
     const std::int64_t n_sinks = std::min(sinks, t + 1);
-    return i < n_sinks ? i : window_start(t) + (i - n_sinks);
+    f(std::int64_t{0}, std::int64_t{0}, n_sinks);
+    f(n_sinks, window_start(t), cache_len(t) - n_sinks);
   };
   constexpr std::int64_t kBlock = 128;
   const std::int64_t max_cols = sinks + recent + kBlock;
@@ -116,8 +138,9 @@ void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::i
           detail::load_rows(q, static_cast<std::int64_t>(g) * G + i, T, d, t0, nb, scale, &Q[static_cast<std::size_t>(i * nb * d)]);
 #pragma omp parallel
         {
-          // Item 0: the sink columns; item b > 0: window key block b - 1.
-#pragma omp for schedule(static)
+          // Item 0: the sink columns; item b > 0: window key block b - 1. Few
+          // items of unequal size: dealt out dynamically (each writes its own columns).
+#pragma omp for schedule(dynamic, 1)
           for (std::int64_t b = 0; b <= key_blocks; ++b) {
             if (b == 0) {
               if (ns > 0) detail::gemm_qkt(Q.data(), R, K.data(), ns, d, L.data(), cols);
@@ -159,9 +182,16 @@ void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::i
         }
         if (attention == CamAttention::kDecode) continue;
         if (attention == CamAttention::kStep && t > 0)
-          for (std::int64_t j = 0; j < cache_len(t - 1); ++j) abar[static_cast<std::size_t>(token_at(t - 1, j))] = 0.0f;
+          for_each_slot(t - 1, [&](std::int64_t, std::int64_t first, std::int64_t n) {
+            std::fill(&abar[static_cast<std::size_t>(first)], &abar[static_cast<std::size_t>(first + n)], 0.0f);
+          });
         const float* row = &rows[static_cast<std::size_t>((t - t0) * budget)];
-        for (std::int64_t j = 0; j < cache_len(t); ++j) abar[static_cast<std::size_t>(token_at(t, j))] += row[j];
+        for_each_slot(t, [&](std::int64_t slot, std::int64_t first, std::int64_t n) {
+          float* a = &abar[static_cast<std::size_t>(first)];
+          const float* r = row + slot;
+#pragma omp simd
+          for (std::int64_t j = 0; j < n; ++j) a[j] += r[j];
+        });
       }
     }
   }

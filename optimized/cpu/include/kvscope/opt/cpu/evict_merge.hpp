@@ -23,7 +23,7 @@ namespace kvscope::opt::cpu {
 /// runner-up over the centres with can_take[c]; centre = the best one's item
 /// (the earliest on equal similarity), or -1 (the zero class) when none can
 /// take members or best < tau. -INFINITY where there is no such centre.
-/// One rest item per thread.
+/// Blocks of 64 rest items per thread, each block's similarities by one GEMM.
 template <class S>
 void centre_assignment(const S* k, const S* v, int head_dim, const std::int64_t* rest, std::int64_t n_rest,
                        const std::int64_t* centres, std::int64_t n_centres, const char* can_take, bool keys_only,
