@@ -25,8 +25,6 @@ void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, in
                                             d, logits, 1, static_cast<Index>(ld), 1.0f, blocking);
 }
 
-namespace {
-
 constexpr int kLanes = 8;
 
 void exp_inplace(float* x, std::int64_t n) {
@@ -43,6 +41,8 @@ void exp_inplace(float* x, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 #endif
 }
+
+namespace {
 
 /// max / sum with eight accumulators in a fixed order (vectorisable as
 /// written; no reassociation is needed or allowed).

@@ -30,6 +30,10 @@ void load_rows(const S* x, std::int64_t h, std::int64_t tokens, int d, std::int6
 /// (callers parallelise over fixed blocks).
 void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld);
 
+/// In place: x <- exp(x) over n entries, eight lanes at a time (tail included)
+/// through glibc's vector expf, so each result depends on its input only.
+void exp_inplace(float* x, std::int64_t n);
+
 /// In place: x <- softmax(x) over len entries (max subtracted). No-op for len <= 0.
 void softmax_inplace(float* x, std::int64_t len);
 

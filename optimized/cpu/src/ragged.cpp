@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "instantiate.hpp"
+#include "qk_blocks.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
 namespace kvscope::opt::cpu {
@@ -166,10 +167,9 @@ void fold_block(Partial& p, float* x, int n, int d) {
     for (int i = 0; i < d; ++i) p.acc[i] *= rescale;
     p.m = mb;
   }
-  for (int j = 0; j < n; ++j) {
-    x[j] = std::exp(x[j] - p.m);
-    p.l += x[j];
-  }
+  for (int j = 0; j < n; ++j) x[j] -= p.m;
+  detail::exp_inplace(x, n);
+  for (int j = 0; j < n; ++j) p.l += x[j];
 }
 
 /// acc += sum_j w[j] * rows[j] over n rows of d, j in order for every element.
@@ -191,12 +191,50 @@ void accumulate_rows(const float* w, const float* rows, int n, int d, float* acc
     for (int i = i0; i < d; ++i) acc[i] += w[j] * rows[static_cast<std::ptrdiff_t>(j) * d + i];
 }
 
+/// accumulate_rows for four heads at once (weights w + h * kBlock, h < 4):
+/// each V row is loaded once for the four, and the 4 x 2 register sums are
+/// independent chains. Every element's sum runs over j in the same order, so
+/// the results are accumulate_rows' bit for bit.
+void accumulate_rows4(const float* w, const float* rows, int n, int d, Partial* parts) {
+  constexpr int kTile = 16;
+  int i0 = 0;
+  for (; i0 + kTile <= d; i0 += kTile) {
+    float a0[kTile], a1[kTile], a2[kTile], a3[kTile];
+    std::copy(parts[0].acc + i0, parts[0].acc + i0 + kTile, a0);
+    std::copy(parts[1].acc + i0, parts[1].acc + i0 + kTile, a1);
+    std::copy(parts[2].acc + i0, parts[2].acc + i0 + kTile, a2);
+    std::copy(parts[3].acc + i0, parts[3].acc + i0 + kTile, a3);
+    for (int j = 0; j < n; ++j) {
+      const float* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
+      const float w0 = w[j], w1 = w[kBlock + j], w2 = w[2 * kBlock + j], w3 = w[3 * kBlock + j];
+#pragma omp simd
+      for (int t = 0; t < kTile; ++t) {
+        a0[t] += w0 * r[t];
+        a1[t] += w1 * r[t];
+        a2[t] += w2 * r[t];
+        a3[t] += w3 * r[t];
+      }
+    }
+    std::copy(a0, a0 + kTile, parts[0].acc + i0);
+    std::copy(a1, a1 + kTile, parts[1].acc + i0);
+    std::copy(a2, a2 + kTile, parts[2].acc + i0);
+    std::copy(a3, a3 + kTile, parts[3].acc + i0);
+  }
+  for (int h = 0; h < 4; ++h)
+    for (int j = 0; j < n; ++j)
+      for (int i = i0; i < d; ++i) parts[h].acc[i] += w[h * kBlock + j] * rows[static_cast<std::ptrdiff_t>(j) * d + i];
+}
+
 /// The G partials of chunk c (q heads c.g*G ...), over K'/V' rows.
 template <class S>
 void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, const S* v, const float* log_bias,
                   Partial* parts, std::vector<float>& kbuf, std::vector<float>& vbuf, std::vector<float>& x) {
   for (std::int64_t j0 = c.first; j0 < c.last; j0 += kBlock) {
     const int n = static_cast<int>(std::min<std::int64_t>(kBlock, c.last - j0));
+    // The next block's rows are on their way while this one computes.
+    const std::size_t block_bytes = static_cast<std::size_t>(kBlock) * d * sizeof(S);
+    prefetch(k + (j0 + kBlock) * d, block_bytes);
+    prefetch(v + (j0 + kBlock) * d, block_bytes);
     block_logits(qs, G, rows_f32(k, j0, n, d, kbuf.data()), n, d, x.data());
     for (int h = 0; h < G; ++h) {
       float* xh = x.data() + h * kBlock;
@@ -207,7 +245,9 @@ void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, con
     // The block's V rows are converted once for all G heads; each head's
     // accumulator stays in registers across the block's rows.
     const float* vr = rows_f32(v, j0, n, d, vbuf.data());
-    for (int h = 0; h < G; ++h) accumulate_rows(x.data() + h * kBlock, vr, n, d, parts[h].acc);
+    int h = 0;
+    for (; h + 4 <= G; h += 4) accumulate_rows4(x.data() + h * kBlock, vr, n, d, parts + h);
+    for (; h < G; ++h) accumulate_rows(x.data() + h * kBlock, vr, n, d, parts[h].acc);
   }
 }
 
