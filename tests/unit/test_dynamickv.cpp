@@ -1,17 +1,22 @@
 // DynamicKV: the budget schedule reproduces dynamic_v11.py's arithmetic
 // (hand-worked updates, the duplicate-window quirk, L not divisible by 4,
 // r_min not enforced, the zero guard), its sums hold on random integer scores,
+// its bucketed prefix top-k counts equal a sort's,
 // and the method keeps the window plus each kv head's top pooled-score
 // tokens, end to end through the replay engine's coupling pass.
 #include <gtest/gtest.h>
 #include <rapidcheck/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <numeric>
 #include <random>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/methods/dynamickv.hpp"
 #include "kvscope/reference/methods/dynamickv_pass.hpp"
+#include "kvscope/reference/methods/dynamickv_topk.hpp"
 #include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/replay.hpp"
@@ -439,6 +444,40 @@ TEST(DynamicKV, MultiLayerReplayUsesTheCouplingSchedule) {
         EXPECT_EQ(sc.prefix[5], 16);
       }
       EXPECT_GT(result.runs[0].plans_checked, 0);
+    }
+  }
+}
+
+// The bucketed prefix top-k against the definition: sort layers 0..n-1 by
+// (value descending, flat index ascending), count the first k per layer.
+TEST(DynamicKV, PrefixTopKCountsEqualAStableSortOfEveryPrefix) {
+  std::mt19937_64 rng(20261201);
+  std::printf("seed 20261201\n");
+  for (int trial = 0; trial < 40; ++trial) {
+    const int L = 1 + static_cast<int>(rng() % 6);
+    const std::int64_t P = static_cast<std::int64_t>(rng() % 300);
+    std::vector<double> flat(static_cast<std::size_t>(L * P));
+    for (double& x : flat) {
+      switch (trial % 4) {
+        case 0: x = static_cast<double>(rng() % 5); break;                       // heavy ties
+        case 1: x = std::ldexp(static_cast<double>(rng() % 1000), -static_cast<int>(rng() % 60)); break;
+        case 2: x = (rng() % 2 ? -1.0 : 1.0) * static_cast<double>(rng() % 3) * 0.5; break;  // signed zeros
+        default: x = 1.0 + 1e-12 * static_cast<double>(rng() % 7); break;        // one bucket
+      }
+    }
+    const ref::DynamicKVPrefixTopK topk(flat, P, L);
+    for (int n = 0; n <= L; ++n) {
+      std::vector<std::int64_t> order(static_cast<std::size_t>(n * P));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
+        return flat[static_cast<std::size_t>(a)] > flat[static_cast<std::size_t>(b)];
+      });
+      for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}, n * P / 3, n * P - 1, n * P, n * P + 5}) {
+        std::vector<std::int64_t> want(static_cast<std::size_t>(n), 0);
+        for (std::int64_t i = 0; i < std::clamp<std::int64_t>(k, 0, n * P); ++i)
+          ++want[static_cast<std::size_t>(order[static_cast<std::size_t>(i)] / P)];
+        EXPECT_EQ(topk.counts(n, k), want) << "trial " << trial << ", L " << L << ", P " << P << ", n " << n << ", k " << k;
+      }
     }
   }
 }

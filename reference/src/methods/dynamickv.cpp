@@ -1,9 +1,9 @@
 #include "kvscope/reference/methods/dynamickv.hpp"
 #include "kvscope/reference/methods/dynamickv_pass.hpp"
+#include "kvscope/reference/methods/dynamickv_topk.hpp"
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <numeric>
 
 #include "kvscope/core/error.hpp"
@@ -37,27 +37,6 @@ std::int64_t int_floordiv(std::int64_t a, std::int64_t b) {
   return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
-// Number of entries of a global top-k over the first `size` flat scores (layer-major, then
-// head, then token: layers 0..n-1 of `per_layer` head-major scores each) that fall in each layer;
-// ties go to the lower flat index. Widening fp32 scores to double keeps their order and ties.
-// The top-k is every entry above the k-th largest value plus, of the entries equal to it, the
-// lowest flat indices: one selection over the values (in `scratch`), then one pass in flat order.
-std::vector<std::int64_t> topk_counts(const std::vector<double>& flat, std::int64_t size, std::int64_t per_layer,
-                                      std::int64_t k, std::vector<double>& scratch) {
-  const auto n = static_cast<std::size_t>(size);
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(size / std::max<std::int64_t>(per_layer, 1)), 0);
-  k = std::clamp<std::int64_t>(k, 0, size);
-  if (k == 0) return counts;
-  scratch.assign(flat.begin(), flat.begin() + static_cast<std::ptrdiff_t>(n));
-  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<>());
-  const double kth = scratch[static_cast<std::size_t>(k - 1)];
-  std::int64_t ties = k - std::count_if(flat.begin(), flat.begin() + static_cast<std::ptrdiff_t>(n),
-                                        [kth](double x) { return x > kth; });
-  for (std::size_t i = 0; i < n; ++i)
-    if (flat[i] > kth || (flat[i] == kth && ties-- > 0)) ++counts[i / static_cast<std::size_t>(per_layer)];
-  return counts;
-}
-
 void check_schedule_input(std::size_t layers, const DynamicKVScheduleConfig& c) {
   if (c.layers < 1 || static_cast<int>(layers) != c.layers)
     throw Error(ErrorKind::kUsage, "dynamickv: the schedule needs the scores of all " + std::to_string(c.layers) +
@@ -66,7 +45,8 @@ void check_schedule_input(std::size_t layers, const DynamicKVScheduleConfig& c) 
     throw Error(ErrorKind::kUsage, "dynamickv: schedule needs base >= 0, window >= 0, interval >= 1, r_max >= 0");
 }
 
-// The schedule over H heads x Lp scores per layer, read through `at` as in topk_counts.
+// The schedule over H heads x Lp scores per layer, read through `at(l, i)` (entry i of layer
+// l's head-major scores). Widening fp32 scores to double keeps their order and ties.
 template <class At>
 DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVScheduleConfig& c, At at) {
   const int L = c.layers;
@@ -80,10 +60,11 @@ DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVSched
   out.layout.assign(static_cast<std::size_t>(L), initial);
 
   const std::int64_t need = b * L;  // need_fill_kv = base * num_hidden_layers
-  std::vector<double> flat, scratch;  // every layer's scores in flat order; the selection's buffer
+  std::vector<double> flat;  // every layer's scores, layer-major
   flat.reserve(static_cast<std::size_t>(L * H * Lp));
   for (int l = 0; l < L; ++l)
     for (std::int64_t i = 0; i < H * Lp; ++i) flat.push_back(at(l, i));
+  const DynamicKVPrefixTopK gathered(std::move(flat), H * Lp, L);
   for (int l = 0; l < L; ++l) {
     if (l % c.interval != c.interval - 1) continue;
     const int n = l + 1;
@@ -91,7 +72,7 @@ DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVSched
     up.layer = l;
     const std::int64_t tk = b * H * n;
     up.topk = std::min(tk, H * Lp * n);  // topk(k=tk), or numel() when tk exceeds it (the except branch)
-    up.counts = topk_counts(flat, n * H * Lp, H * Lp, up.topk, scratch);
+    up.counts = gathered.counts(n, up.topk);
     for (auto& x : up.counts) x = int_floordiv(x, n);  // counts // gather_attn.shape[0]
     std::int64_t sum_c = std::accumulate(up.counts.begin(), up.counts.end(), std::int64_t{0});
     if (sum_c != H * Lp && l == L - 1) {  // the last layer tops up the last count
