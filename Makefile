@@ -55,7 +55,7 @@ test-sanitize: deps python-env
 	cd $(ASAN_BUILD) && $(SANITIZE_ENV) ctest --output-on-failure -j$(JOBS) $(SANITIZE_CTEST_ARGS)
 
 # CPU benchmark suite (bench/, docs/performance.md): Google Benchmark, about
-# 1.5 minutes on 2 cores. Not a test. Results also go to $(BENCH_OUT) (JSON);
+# 8 minutes on 2 cores. Not a test. Results also go to $(BENCH_OUT) (JSON);
 # extra flags via BENCH_ARGS, e.g. BENCH_ARGS=--benchmark_filter=prefill.
 BENCH_OUT ?= $(BUILD)/bench/kvscope_bench_cpu.json
 BENCH_ARGS ?=
