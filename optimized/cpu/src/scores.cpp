@@ -203,12 +203,32 @@ void pool1d(const float* x, std::int64_t n, std::int64_t kernel, Pool pool, floa
     return;
   }
   const std::int64_t half = kernel / 2;
-  for (std::int64_t i = 0; i < n; ++i) {
+  const bool avg = pool == Pool::kAvg;
+  // y[i] folds x[lo..hi] in index order. Near the ends the window is clipped;
+  // in between every window is whole, so the same folds run offset by offset
+  // across all interior i at once (vectorised, the same order per element).
+  const auto edge = [&](std::int64_t i) {
     const std::int64_t lo = std::max<std::int64_t>(0, i - half), hi = std::min(n - 1, i + half);
-    float acc = pool == Pool::kAvg ? 0.0f : -INFINITY;
-    for (std::int64_t j = lo; j <= hi; ++j) acc = pool == Pool::kAvg ? acc + x[j] : std::max(acc, x[j]);
-    y[i] = pool == Pool::kAvg ? acc / static_cast<float>(kernel) : acc;
+    float acc = avg ? 0.0f : -INFINITY;
+    for (std::int64_t j = lo; j <= hi; ++j) acc = avg ? acc + x[j] : std::max(acc, x[j]);
+    y[i] = avg ? acc / static_cast<float>(kernel) : acc;
+  };
+  const std::int64_t a = std::min(half, n), b = std::max(a, n - half);  // interior [a, b)
+  for (std::int64_t i = 0; i < a; ++i) edge(i);
+  std::fill(y + a, y + b, avg ? 0.0f : -INFINITY);
+  for (std::int64_t o = -half; o <= half; ++o) {
+    const float* xo = x + o;
+    if (avg) {
+#pragma omp simd
+      for (std::int64_t i = a; i < b; ++i) y[i] += xo[i];
+    } else {
+#pragma omp simd
+      for (std::int64_t i = a; i < b; ++i) y[i] = std::max(y[i], xo[i]);
+    }
   }
+  if (avg)
+    for (std::int64_t i = a; i < b; ++i) y[i] /= static_cast<float>(kernel);
+  for (std::int64_t i = b; i < n; ++i) edge(i);
 }
 
 void group_reduce(const float* in, int q_heads, int kv_heads, std::int64_t n, Reduce r, float* out) {
