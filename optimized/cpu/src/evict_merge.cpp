@@ -71,8 +71,8 @@ void centre_assignment(const S* k, const S* v, int head_dim, const std::int64_t*
       if (!keys_only) detail::gemm_qkt(xv.data(), m, uv.data(), n_centres, d, sv.data(), n_centres);
       for (std::int64_t u = 0; u < m; ++u) {
         const auto uu = static_cast<std::size_t>(u);
-        const float* rk = &sk[uu * C];
-        const float* rv = keys_only ? nullptr : &sv[uu * C];
+        const float* rk = sk.data() + uu * C;  // data(): C may be 0
+        const float* rv = keys_only ? nullptr : sv.data() + uu * C;
         float b = -INFINITY, s2 = -INFINITY, a = -INFINITY;
         std::int64_t who = -1;
         for (std::size_t c = 0; c < C; ++c) {

@@ -217,13 +217,12 @@ void pool1d(const float* x, std::int64_t n, std::int64_t kernel, Pool pool, floa
   for (std::int64_t i = 0; i < a; ++i) edge(i);
   std::fill(y + a, y + b, avg ? 0.0f : -INFINITY);
   for (std::int64_t o = -half; o <= half; ++o) {
-    const float* xo = x + o;
     if (avg) {
 #pragma omp simd
-      for (std::int64_t i = a; i < b; ++i) y[i] += xo[i];
+      for (std::int64_t i = a; i < b; ++i) y[i] += x[i + o];
     } else {
 #pragma omp simd
-      for (std::int64_t i = a; i < b; ++i) y[i] = std::max(y[i], xo[i]);
+      for (std::int64_t i = a; i < b; ++i) y[i] = std::max(y[i], x[i + o]);
     }
   }
   if (avg)
