@@ -87,3 +87,21 @@ TEST(CpuStorage, StoreRowEqualsScalarConversionOnEveryFloatWhenAsked) {
   expect_all_fp32_inputs_match<f16>();
   expect_all_fp32_inputs_match<bf16>();
 }
+
+// stream_copy takes the streaming-store path only for a 16-byte-aligned
+// destination and a multiple of 16 bytes: every alignment and length around
+// those edges must write exactly the source bytes and nothing beside them.
+TEST(CpuStorage, StreamCopyWritesExactlyTheSourceBytesAtEveryAlignment) {
+  std::vector<unsigned char> src(160);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<unsigned char>(i * 37 + 11);
+  alignas(64) unsigned char dst[256];
+  for (std::size_t offset = 0; offset < 32; ++offset)
+    for (std::size_t bytes = 0; bytes <= 128; ++bytes) {
+      std::memset(dst, 0xA5, sizeof dst);
+      stream_copy(dst + offset, src.data() + 3, bytes);
+      stream_fence();
+      ASSERT_EQ(std::memcmp(dst + offset, src.data() + 3, bytes), 0) << "offset " << offset << ", bytes " << bytes;
+      for (std::size_t i = 0; i < sizeof dst; ++i)
+        if (i < offset || i >= offset + bytes) ASSERT_EQ(dst[i], 0xA5) << "byte " << i << " written outside the copy";
+    }
+}

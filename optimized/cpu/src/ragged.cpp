@@ -53,22 +53,44 @@ const float* rows_f32(const S* x, std::int64_t first, std::int64_t n, int d, flo
   }
 }
 
-/// Per-thread fp32 rows for apply_ragged_plan.
+/// Per-thread rows for apply_ragged_plan: fp32 accumulator and source row, and
+/// the rounded output row on its way to a streaming store.
+template <class S>
 struct GatherScratch {
   std::vector<float> acc, row;
-  explicit GatherScratch(int d) : acc(static_cast<std::size_t>(d)), row(static_cast<std::size_t>(d)) {}
+  std::vector<S> out;
+  explicit GatherScratch(int d)
+      : acc(static_cast<std::size_t>(d)), row(static_cast<std::size_t>(d)), out(static_cast<std::size_t>(d)) {}
 };
+
+/// Rows a thread of apply_ragged_plan hints ahead: a plan's source rows are
+/// scattered (no hardware prefetcher follows them), and ~8 rows of K and V
+/// in flight cover the DRAM latency at a thread's share of the bandwidth.
+constexpr std::int64_t kRowsAhead = 8;
+
+/// Hints the K and V rows row r reads.
+template <class S>
+void prefetch_sources(const RaggedPlan& p, std::int64_t r, const S* k, const S* v, std::int64_t head_elems, int d) {
+  const std::int64_t h = std::upper_bound(p.offsets, p.offsets + p.heads + 1, r) - p.offsets - 1;
+  const std::size_t bytes = static_cast<std::size_t>(d) * sizeof(S);
+  for (std::int64_t e = p.row_ptr[r]; e < p.row_ptr[r + 1]; ++e) {
+    const std::int64_t at = h * head_elems + p.token[e] * d;
+    prefetch(k + at, bytes);
+    prefetch(v + at, bytes);
+  }
+}
 
 /// out = sum_e coef[e] * x[token[e]] over plan row r's entries, then re-rotated
 /// by `rotate` positions (0: none), rounded once to S.
 template <class S>
 void weighted_row(const RaggedPlan& p, std::int64_t r, const float* coef, const S* x, int d, std::int64_t rotate,
-                  GatherScratch& s, S* out) {
+                  GatherScratch<S>& s, S* out) {
   const std::int64_t e0 = p.row_ptr[r], e1 = p.row_ptr[r + 1];
   // A kept token (one entry of weight 1, not moved) copies its storage bits,
   // exactly what the accumulation below would round back to.
+  const std::size_t bytes = static_cast<std::size_t>(d) * sizeof(S);
   if (rotate == 0 && e1 == e0 + 1 && coef[e0] == 1.0f && copy_is_exact(x + p.token[e0] * d, d)) {
-    std::memcpy(out, x + p.token[e0] * d, static_cast<std::size_t>(d) * sizeof(S));
+    stream_copy(out, x + p.token[e0] * d, bytes);
     return;
   }
   float* acc = s.acc.data();
@@ -83,7 +105,8 @@ void weighted_row(const RaggedPlan& p, std::int64_t r, const float* coef, const 
   if (rotate != 0)
     for (int i = 0; i < d / 2; ++i)
       math::rope_rotate_pair(acc[i], acc[i + d / 2], i, d, static_cast<double>(rotate), p.rope_theta);
-  store_row(acc, d, out);
+  store_row(acc, d, s.out.data());
+  stream_copy(out, s.out.data(), bytes);
 }
 
 }  // namespace
@@ -95,16 +118,20 @@ void apply_ragged_plan(const RaggedPlan& plan, const S* k, const S* v, std::int6
   const std::int64_t rows = plan.offsets[plan.heads];
   const std::int64_t* const heads_end = plan.offsets + plan.heads + 1;
   // One parallel loop over every head's rows: no barrier per head.
+  // K'/V' are written with streaming stores (each thread fences its own
+  // before the region's closing barrier).
 #pragma omp parallel
   {
-    GatherScratch s(d);
-#pragma omp for schedule(static)
+    GatherScratch<S> s(d);
+#pragma omp for schedule(static) nowait
     for (std::int64_t r = 0; r < rows; ++r) {
+      if (r + kRowsAhead < rows) prefetch_sources(plan, r + kRowsAhead, k, v, tokens * d, d);
       const std::int64_t h = std::upper_bound(plan.offsets, heads_end, r) - plan.offsets - 1;
       const std::int64_t rotate = plan.rotate != nullptr ? plan.rotate[r] : 0;
       weighted_row(plan, r, plan.coef_k, k + h * tokens * d, d, rotate, s, k_out + r * d);
       weighted_row(plan, r, plan.coef_v, v + h * tokens * d, d, 0, s, v_out + r * d);
     }
+    stream_fence();
   }
 }
 

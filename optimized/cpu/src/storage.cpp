@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#if defined(__F16C__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
@@ -58,6 +58,24 @@ void store_row(const float* src, std::int64_t n, bf16* dst) {
     const auto rounded = static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     dst[i] = Eigen::numext::bit_cast<bf16>(nan ? static_cast<std::uint16_t>((u >> 16 & 0x8000u) | 0x7fc0u) : rounded);
   }
+}
+
+void stream_copy(void* dst, const void* src, std::size_t bytes) {
+#if defined(__x86_64__)
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 == 0 && bytes % 16 == 0) {
+    auto* d = static_cast<__m128i*>(dst);
+    const auto* s = static_cast<const __m128i*>(src);
+    for (std::size_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace kvscope::opt::cpu
