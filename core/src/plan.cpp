@@ -1,6 +1,7 @@
 #include "kvscope/core/plan.hpp"
 
 #include <algorithm>
+#include <numeric>
 
 #include "kvscope/core/error.hpp"
 
@@ -28,22 +29,30 @@ void Plan::add_row(std::span<const std::int64_t> tokens, std::span<const double>
 }
 
 Plan Plan::identity(std::int64_t n) {
-  Plan p;
-  p.n = n;
-  for (std::int64_t j = 0; j < n; ++j) p.add_kept(j);
-  return p;
+  std::vector<std::int64_t> all(static_cast<std::size_t>(std::max<std::int64_t>(n, 0)));
+  std::iota(all.begin(), all.end(), std::int64_t{0});
+  return keep(n, all);
 }
 
 Plan Plan::keep(std::int64_t n, std::span<const std::int64_t> kept) {
-  Plan p;
-  p.n = n;
   std::int64_t prev = -1;
   for (std::int64_t j : kept) {
     if (j <= prev || j >= n)
       throw Error(ErrorKind::kInternal, "Plan::keep: kept indices must be increasing and < n");
-    p.add_kept(j);
     prev = j;
   }
+  // add_kept for every index, filled in bulk (the selection methods build
+  // thousands of one-hot slots per head; one push_back each was a hot spot).
+  const std::size_t m = kept.size();
+  Plan p;
+  p.n = n;
+  p.token.assign(kept.begin(), kept.end());
+  p.coef_k.assign(m, 1.0);
+  p.coef_v.assign(m, 1.0);
+  p.row_ptr.resize(m + 1);
+  std::iota(p.row_ptr.begin(), p.row_ptr.end(), std::int64_t{0});
+  p.position = p.token;  // kOriginal positions: each slot keeps its token's
+  p.count.assign(m, 1);
   return p;
 }
 

@@ -43,20 +43,12 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
   const auto& prot = scores.protected_tokens;
   const std::vector<std::int64_t> candidates = ref::complement(T, prot);
   const auto n_prot = static_cast<std::int64_t>(prot.size());
-  // Every head is checked first, in order (the first bad head names the
-  // error); then the heads' top-k run in parallel, one head per thread.
-  for (int h = 0; h < scores.heads; ++h) {
+  // The heads' checks and top-k run in parallel, one head per thread; the
+  // first bad head in head order names the error afterwards.
+  const auto bad_budget = [&](int h) {
     const std::int64_t budget = head_budgets[static_cast<std::size_t>(h)];
-    if (budget >= T) continue;
-    if (budget < n_prot)
-      throw Error(ErrorKind::kImpossibleBudget, method + ": budget " + std::to_string(budget) + " of kv head " +
-                                                    std::to_string(h) + " cannot hold its " + std::to_string(n_prot) +
-                                                    " protected tokens");
-    for (std::int64_t j : candidates)
-      if (std::isnan(scores.head(h)[j]))
-        throw Error(ErrorKind::kBadNumber, method + ": score of token " + std::to_string(j) + " of kv head " +
-                                               std::to_string(h) + " is NaN");
-  }
+    return budget < T && budget < n_prot;
+  };
   // A head whose scores and budget equal the previous head's (TOVA scores the
   // layer once for every head) takes that head's plan instead of a top-k.
   std::vector<char> repeats(static_cast<std::size_t>(scores.heads), 0);
@@ -66,6 +58,7 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
         std::equal(scores.head(h), scores.head(h) + T, scores.head(h - 1),
                    [](float a, float b) { return std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b); });
   std::vector<Plan> plans(static_cast<std::size_t>(scores.heads));
+  std::vector<std::int64_t> nan_at(static_cast<std::size_t>(scores.heads), -1);  // first NaN candidate, per head
 #pragma omp parallel
   {
     std::vector<std::int64_t> kept;
@@ -77,9 +70,28 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
         plans[static_cast<std::size_t>(h)] = Plan::identity(T);
         continue;
       }
-      cpu::top_k(scores.head(h), candidates, budget - n_prot, kept);
+      if (bad_budget(h)) continue;
+      const float* s = scores.head(h);
+      const auto nan = std::find_if(candidates.begin(), candidates.end(), [s](std::int64_t j) { return std::isnan(s[j]); });
+      if (nan != candidates.end()) {
+        nan_at[static_cast<std::size_t>(h)] = *nan;
+        continue;
+      }
+      cpu::top_k(s, candidates, budget - n_prot, kept);
       plans[static_cast<std::size_t>(h)] = Plan::keep(T, ref::merge_sorted(kept, prot));
     }
+  }
+  for (int h = 0; h < scores.heads; ++h) {
+    if (repeats[static_cast<std::size_t>(h)]) continue;  // its errors are the previous head's
+    if (bad_budget(h))
+      throw Error(ErrorKind::kImpossibleBudget, method + ": budget " +
+                                                    std::to_string(head_budgets[static_cast<std::size_t>(h)]) +
+                                                    " of kv head " + std::to_string(h) + " cannot hold its " +
+                                                    std::to_string(n_prot) + " protected tokens");
+    if (nan_at[static_cast<std::size_t>(h)] >= 0)
+      throw Error(ErrorKind::kBadNumber, method + ": score of token " +
+                                            std::to_string(nan_at[static_cast<std::size_t>(h)]) + " of kv head " +
+                                            std::to_string(h) + " is NaN");
   }
   for (int h = 1; h < scores.heads; ++h)
     if (repeats[static_cast<std::size_t>(h)]) plans[static_cast<std::size_t>(h)] = plans[static_cast<std::size_t>(h) - 1];

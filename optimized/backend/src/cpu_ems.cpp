@@ -37,16 +37,10 @@ class Ems final : public BackendMethod {
     const int hq = in.shape.q_heads, hkv = in.shape.kv_heads, d = in.shape.head_dim;
     std::vector<float> glo(static_cast<std::size_t>(hkv * T), 0.0f), loc(glo.size(), 0.0f);
     if (T > budget) {  // nothing to compress otherwise: no scores needed
-      std::vector<float> acc = in.attn_colsum, win(static_cast<std::size_t>(hq * T));
-      cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
-        using S = decltype(tag);
-        if (acc.empty()) {
-          acc.resize(static_cast<std::size_t>(hq * T));
-          cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, acc.data());
-        }
-        cpu::window_scores(in.shape, in.q.data<S>(), in.k.data<S>(), c_.obs_window, cpu::Reduce::kSum, win.data());
-      });
-      cpu::group_reduce(acc.data(), hq, hkv, T, group_rule(c_.group), glo.data());
+      std::vector<float> computed;
+      const float* acc = accumulated_attention(in, computed);
+      const std::vector<float> win = window_scores(in, c_.obs_window, cpu::Reduce::kSum);
+      cpu::group_reduce(acc, hq, hkv, T, group_rule(c_.group), glo.data());
       cpu::group_reduce(win.data(), hq, hkv, T, group_rule(c_.group), loc.data());
     }
     std::vector<Plan> plans;

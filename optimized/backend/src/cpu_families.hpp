@@ -42,6 +42,11 @@ void parallel_heads(int heads, F&& f) {
     if (e) std::rethrow_exception(e);
 }
 
+/// Every q head's accumulated attention, [q_heads, T]: the trace's recorded
+/// column sums when it has them (read in place, not copied), else computed by
+/// cpu::accumulated_attention into `computed`.
+const float* accumulated_attention(const LayerStorage& in, std::vector<float>& computed);
+
 /// Window scores of every q head, [q_heads, T] (cpu::window_scores on the layer's storage).
 std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cpu::Reduce rows);
 

@@ -49,17 +49,14 @@ class KVMergerCpu final : public BackendMethod {
       return ref::LayerPlans::uniform(std::vector<Plan>(heads, Plan::identity(T)), budget);
 
     // Pivot / heavy-hitter scores: the group's accumulated attention.
-    std::vector<float> acc = in.attn_colsum;
+    std::vector<float> computed;
+    const float* acc = accumulated_attention(in, computed);
     std::vector<float> score(static_cast<std::size_t>(hkv * T)), cosine(static_cast<std::size_t>(hkv * std::max<std::int64_t>(T - 1, 0)));
     cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
       using S = decltype(tag);
-      if (acc.empty()) {
-        acc.resize(static_cast<std::size_t>(hq * T));
-        cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, acc.data());
-      }
       cpu::adjacent_key_cosine(in.shape, in.k.data<S>(), cosine.data());
     });
-    cpu::group_reduce(acc.data(), hq, hkv, T, to_cpu(c_.gqa), score.data());
+    cpu::group_reduce(acc, hq, hkv, T, to_cpu(c_.gqa), score.data());
 
     // Heads in parallel, each head's decisions and weights on one thread.
     std::vector<Plan> plans(heads);

@@ -24,6 +24,16 @@ cpu::Pool to_cpu(ref::Pool p) {
   return p == ref::Pool::kNone ? cpu::Pool::kNone : p == ref::Pool::kAvg ? cpu::Pool::kAvg : cpu::Pool::kMax;
 }
 
+const float* accumulated_attention(const LayerStorage& in, std::vector<float>& computed) {
+  if (!in.attn_colsum.empty()) return in.attn_colsum.data();
+  computed.resize(static_cast<std::size_t>(in.shape.q_heads * in.shape.tokens));
+  cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+    using S = decltype(tag);
+    cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, computed.data());
+  });
+  return computed.data();
+}
+
 std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cpu::Reduce rows) {
   std::vector<float> out(static_cast<std::size_t>(in.shape.q_heads * in.shape.tokens));
   cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
@@ -34,15 +44,6 @@ std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cp
 }
 
 namespace {
-
-/// Runs `f(q, k)` with the layer's q and k as typed storage pointers.
-template <class F>
-void with_qk(const LayerStorage& in, F&& f) {
-  cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
-    using S = decltype(tag);
-    f(in.q.data<S>(), in.k.data<S>());
-  });
-}
 
 /// SnapKV eq. 1 + pooling + GQA reduction on the CPU (ref::snapkv_scores).
 ScoreSet snapkv_scores(const LayerStorage& in, std::int64_t budget, const ref::SnapKVConfig& c,
@@ -109,13 +110,10 @@ class H2OScorer final : public BackendScorer {
   ScoreSet score(const LayerStorage& in, std::int64_t budget) const override {
     const std::int64_t T = in.shape.tokens;
     const int hq = in.shape.q_heads, hkv = in.shape.kv_heads;
-    std::vector<float> acc = in.attn_colsum;  // recorded column sums when the trace has them
-    if (acc.empty()) {
-      acc.resize(static_cast<std::size_t>(hq * T));
-      with_qk(in, [&](const auto* q, const auto* k) { cpu::accumulated_attention(in.shape, q, k, false, acc.data()); });
-    }
+    std::vector<float> computed;
+    const float* acc = accumulated_attention(in, computed);
     ScoreSet out{hkv, T, std::vector<float>(static_cast<std::size_t>(hkv * T)), {}};
-    cpu::group_reduce(acc.data(), hq, hkv, T, to_cpu(c_.gqa), out.scores.data());
+    cpu::group_reduce(acc, hq, hkv, T, to_cpu(c_.gqa), out.scores.data());
     if (c_.per_query)  // ObservedAttentionPress: column j over the T - j queries that saw it
       for (int g = 0; g < hkv; ++g)
         for (std::int64_t j = 0; j < T; ++j) out.scores[static_cast<std::size_t>(g * T + j)] /= static_cast<float>(T - j);

@@ -32,15 +32,9 @@ class WeightedKVCpu final : public BackendMethod {
     const int hq = in.shape.q_heads, hkv = in.shape.kv_heads, d = in.shape.head_dim, G = in.shape.group();
     std::vector<Plan> plans(static_cast<std::size_t>(hkv));
     if (!c_.streaming_prefill) {
-      std::vector<float> acc = in.attn_colsum, sums(static_cast<std::size_t>(hkv * T));
-      if (acc.empty()) {
-        acc.resize(static_cast<std::size_t>(hq * T));
-        cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
-          using S = decltype(tag);
-          cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, acc.data());
-        });
-      }
-      cpu::group_reduce(acc.data(), hq, hkv, T, to_cpu(c_.gqa), sums.data());
+      std::vector<float> computed, sums(static_cast<std::size_t>(hkv * T));
+      const float* acc = accumulated_attention(in, computed);
+      cpu::group_reduce(acc, hq, hkv, T, to_cpu(c_.gqa), sums.data());
       for (int g = 0; g < hkv; ++g) {
         const ref::VecX s = Eigen::Map<const Eigen::VectorXf>(sums.data() + static_cast<std::int64_t>(g) * T, T).cast<double>();
         plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_oneshot(s, budget, c_), T);

@@ -232,6 +232,9 @@ void pool1d(const float* x, std::int64_t n, std::int64_t kernel, Pool pool, floa
 
 void group_reduce(const float* in, int q_heads, int kv_heads, std::int64_t n, Reduce r, float* out) {
   const int G = q_heads / kv_heads;
+  // kv heads on the threads (each output element still summed by one thread in
+  // i order); small inputs stay serial, not worth a parallel region.
+#pragma omp parallel for schedule(static) if (static_cast<std::int64_t>(q_heads) * n >= (1 << 16))
   for (int g = 0; g < kv_heads; ++g) {
     float* o = out + static_cast<std::int64_t>(g) * n;
     std::copy(in + static_cast<std::int64_t>(g) * G * n, in + (static_cast<std::int64_t>(g) * G + 1) * n, o);
