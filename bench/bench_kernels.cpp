@@ -353,8 +353,10 @@ void register_typed(const std::vector<int>& threads, bool sweep_threads) {
     auto* b = benchmark::RegisterBenchmark(("kernel/window_scores/" + d).c_str(), BM_window_scores<S>);
     b->ArgNames({"window", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
     for (int t : ts) b->Args({1, t});
-    if (sweep_threads)
+    if (sweep_threads) {
+      b->Args({8, threads.back()});  // DynamicKV's observation window (its first pass runs this per layer)
       for (int t : ts) b->Args({32, t});
+    }
   }
   if (sweep_threads)
     benchmark::RegisterBenchmark(("kernel/accumulated_attention_quarterT/" + d).c_str(), BM_accumulated_attention<S>)
