@@ -4,10 +4,53 @@
 #include <cmath>
 
 #include "qk_blocks.hpp"
+#include "simd.hpp"
 #include "instantiate.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
 namespace kvscope::opt::cpu {
+namespace {
+
+/// max_c |a_c - b_c| (exact in any order).
+float max_abs_diff(const float* a, const float* b, int d) {
+  int c = 0;
+  float m = 0.0f;
+#if KVSCOPE_CPU_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v = _mm256_setzero_ps();
+  for (; c + 8 <= d; c += 8)
+    v = _mm256_max_ps(v, _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c))));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  m = *std::max_element(lanes, lanes + 8);
+#endif
+  for (; c < d; ++c) m = std::max(m, std::abs(a[c] - b[c]));
+  return m;
+}
+
+/// sum_c ((a_c - b_c) f1 f2)^2: one eight-lane FMA chain and a fixed
+/// horizontal sum under AVX2 (d % 8 == 0), else a sequential sum.
+float scaled_sq_dist(const float* a, const float* b, int d, float f1, float f2) {
+#if KVSCOPE_CPU_AVX2
+  if (d % 8 == 0) {
+    const __m256 g1 = _mm256_set1_ps(f1), g2 = _mm256_set1_ps(f2);
+    __m256 acc = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) {
+      const __m256 x = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c)), g1), g2);
+      acc = _mm256_fmadd_ps(x, x, acc);
+    }
+    return detail::hsum(acc);
+  }
+#endif
+  float acc = 0.0f;
+  for (int c = 0; c < d; ++c) {
+    const float x = (a[c] - b[c]) * f1 * f2;
+    acc += x * x;
+  }
+  return acc;
+}
+
+}  // namespace
 
 void merge_runs(std::int64_t tokens, const char* merge, const float* score, std::vector<std::int64_t>& begin,
                 std::vector<std::int64_t>& pivot) {
@@ -45,24 +88,14 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
       float max_abs = 0.0f;
       for (std::int64_t i = b; i < e; ++i) {
         load_row(k_head + i * d, d, ki.data());
-        const float *a = kp.data(), *x = ki.data();
-#pragma omp simd reduction(max : max_abs)
-        for (int c = 0; c < d; ++c) max_abs = std::max(max_abs, std::abs(a[c] - x[c]));
+        max_abs = std::max(max_abs, max_abs_diff(kp.data(), ki.data(), d));
       }
       const int ex = math::scale_exponent(max_abs), h1 = -ex / 2, h2 = -ex - h1;
       const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);  // 2^-ex in two exact steps
       dist2.assign(static_cast<std::size_t>(m), 0.0f);
       for (std::int64_t i = b; i < e; ++i) {
         load_row(k_head + i * d, d, ki.data());
-        const float *a = kp.data(), *y = ki.data();
-        // A vector reduction in the compiler's fixed order (same on every run and thread count).
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int c = 0; c < d; ++c) {
-          const float x = (a[c] - y[c]) * f1 * f2;
-          acc += x * x;
-        }
-        dist2[static_cast<std::size_t>(i - b)] = acc;  // |k_p - k_i|^2 * 4^-ex
+        dist2[static_cast<std::size_t>(i - b)] = scaled_sq_dist(kp.data(), ki.data(), d, f1, f2);  // |k_p - k_i|^2 * 4^-ex
       }
       const float sqrt2m = kSqrt2 * static_cast<float>(m);
       float sig = 0.0f;  // in the scaled units

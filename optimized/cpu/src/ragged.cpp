@@ -8,6 +8,7 @@
 
 #include "instantiate.hpp"
 #include "qk_blocks.hpp"
+#include "simd.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
 namespace kvscope::opt::cpu {
@@ -157,29 +158,39 @@ struct Chunk {
   std::int64_t first = 0, last = 0;
 };
 
-/// out[j] = q_h . k_j for the n keys of `keys` and the G q heads of `qs`
-/// (pre-scaled, [G, d]); four heads per pass over each key.
+/// out[h * kBlock + j] = q_h . k_j (= dot8) for the n keys of `keys` and the
+/// G q heads of `qs` (pre-scaled, [G, d]). Under AVX2, two keys by four heads
+/// at a time: eight independent FMA chains, each ending in one fixed hsum.
 void block_logits(const float* qs, int G, const float* keys, int n, int d, float* out /* [G, kBlock] */) {
-  for (int j = 0; j < n; ++j) {
-    const float* kj = keys + static_cast<std::ptrdiff_t>(j) * d;
-    int h = 0;
-    for (; h + 4 <= G; h += 4) {
-      const float *q0 = qs + h * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int i = 0; i < d; ++i) {
-        s0 += q0[i] * kj[i];
-        s1 += q1[i] * kj[i];
-        s2 += q2[i] * kj[i];
-        s3 += q3[i] * kj[i];
+  int j = 0;
+#if KVSCOPE_CPU_AVX2
+  if (d % 8 == 0 && G % 4 == 0) {
+    for (; j + 2 <= n; j += 2) {
+      const float* ka = keys + static_cast<std::ptrdiff_t>(j) * d;
+      const float* kb = ka + d;
+      for (int h = 0; h < G; h += 4) {
+        const float* q = qs + static_cast<std::ptrdiff_t>(h) * d;
+        __m256 a[4], b[4];
+        for (int u = 0; u < 4; ++u) a[u] = b[u] = _mm256_setzero_ps();
+        for (int c = 0; c < d; c += 8) {
+          const __m256 x = _mm256_loadu_ps(ka + c), y = _mm256_loadu_ps(kb + c);
+          for (int u = 0; u < 4; ++u) {
+            const __m256 qu = _mm256_loadu_ps(q + u * d + c);
+            a[u] = _mm256_fmadd_ps(qu, x, a[u]);
+            b[u] = _mm256_fmadd_ps(qu, y, b[u]);
+          }
+        }
+        for (int u = 0; u < 4; ++u) {
+          out[(h + u) * kBlock + j] = detail::hsum(a[u]);
+          out[(h + u) * kBlock + j + 1] = detail::hsum(b[u]);
+        }
       }
-      out[h * kBlock + j] = s0;
-      out[(h + 1) * kBlock + j] = s1;
-      out[(h + 2) * kBlock + j] = s2;
-      out[(h + 3) * kBlock + j] = s3;
     }
-    for (; h < G; ++h) out[h * kBlock + j] = dot(qs + h * d, kj, d);
   }
+#endif
+  for (; j < n; ++j)
+    for (int h = 0; h < G; ++h)
+      out[h * kBlock + j] = detail::dot8(qs + static_cast<std::ptrdiff_t>(h) * d, keys + static_cast<std::ptrdiff_t>(j) * d, d);
 }
 
 /// Folds a block of n logits x (bias added) into p: logits become weights

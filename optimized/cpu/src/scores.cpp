@@ -11,6 +11,7 @@
 namespace kvscope::opt::cpu {
 using detail::gemm_qkt;
 using detail::kKeyBlock;
+using detail::dot8;
 using detail::load_rows;
 #if KVSCOPE_CPU_AVX2
 using detail::hsum;
@@ -27,19 +28,6 @@ constexpr std::int64_t kLogitFloats = std::int64_t{2} << 20;
 /// GEMM: with so few rows the packing costs more than the product, and the
 /// kernel is bound by reading K.
 constexpr std::int64_t kDirectRows = 8;
-
-/// q . k over d floats as one eight-lane FMA chain and a fixed horizontal sum
-/// (d % 8 == 0 under AVX2); direct_qkt's blocked loop computes exactly this.
-float dot8(const float* q, const float* k, int d) {
-#if KVSCOPE_CPU_AVX2
-  if (d % 8 == 0) {
-    __m256 a = _mm256_setzero_ps();
-    for (int c = 0; c < d; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a);
-    return hsum(a);
-  }
-#endif
-  return dot(q, k, d);
-}
 
 /// logits[r, j] (row stride ld) = Q[r] . k_j for R rows and n keys of storage,
 /// each logit equal to dot8(Q[r], k_j). Four keys by two rows at a time keep
@@ -192,7 +180,7 @@ void key_norm_scores(const LayerShape& s, const S* k, float* out) {
     for (std::int64_t r = 0; r < rows; ++r) {
       prefetch(reinterpret_cast<const char*>(k + r * d) + kPrefetchAhead, d * sizeof(S));
       load_row(k + r * d, d, kj.data());
-      out[r] = -std::sqrt(dot(kj.data(), kj.data(), d));
+      out[r] = -std::sqrt(dot8(kj.data(), kj.data(), d));
     }
   }
 }

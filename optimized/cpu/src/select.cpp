@@ -157,10 +157,7 @@ float squared_norm(const float* a, int d) {
 template <class S>
 void load_scaled(const S* src, int d, float* row) {
   load_row(src, d, row);
-  float max_abs = 0.0f;
-#pragma omp simd reduction(max : max_abs)
-  for (int i = 0; i < d; ++i) max_abs = std::max(max_abs, std::abs(row[i]));
-  const int e = math::scale_exponent(max_abs);
+  const int e = math::scale_exponent(detail::max_abs(row, d));
   if (e != 0) {
     const int h1 = -e / 2;
     const float f1 = pow2(h1), f2 = pow2(-e - h1);

@@ -1,6 +1,15 @@
 // AVX2 helpers shared by the hand-vectorised loops (compiled only when the
-// kernels target AVX2 + FMA; every caller keeps a portable fallback).
+// kernels target AVX2 + FMA; every caller keeps a portable fallback), and the
+// reductions built on them. Horizontal sums are explicit: GCC's `omp simd`
+// reduction over zmm registers ends in sixteen dependent scalar adds through
+// the stack, which made the per-row kernels (key norms, decode logits)
+// latency-bound rather than memory-bound.
 #pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "kvscope/opt/cpu/storage.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -17,3 +26,38 @@ inline float hsum(__m256 v) {
 
 }  // namespace kvscope::opt::cpu::detail
 #endif
+
+namespace kvscope::opt::cpu::detail {
+
+/// q . k over d floats as one eight-lane FMA chain and a fixed horizontal sum
+/// (d % 8 == 0 under AVX2; else dot()). The blocked loops that compute many
+/// logits at once (direct_qkt, decode's block_logits) give exactly this value.
+inline float dot8(const float* q, const float* k, int d) {
+#if KVSCOPE_CPU_AVX2
+  if (d % 8 == 0) {
+    __m256 a = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a);
+    return hsum(a);
+  }
+#endif
+  return dot(q, k, d);
+}
+
+/// max_i |x_i| (0 for n = 0). Max is exact in any order; a NaN may be kept or
+/// dropped, which callers allow.
+inline float max_abs(const float* x, int n) {
+  int i = 0;
+  float m = 0.0f;
+#if KVSCOPE_CPU_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+  for (; i < n; ++i) m = std::max(m, std::abs(x[i]));
+  return m;
+}
+
+}  // namespace kvscope::opt::cpu::detail
