@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "qk_blocks.hpp"
+#include "simd.hpp"
 #include "instantiate.hpp"
 #include "kvscope/core/kernel_math.hpp"
 
@@ -17,12 +18,9 @@ namespace {
 template <class S>
 bool unit_row(const S* x, int d, float* u) {
   load_row(x, d, u);
-  float m = 0.0f;
-#pragma omp simd reduction(max : m)
-  for (int i = 0; i < d; ++i) m = std::max(m, std::abs(u[i]));
-  const float scale = std::ldexp(1.0f, -math::scale_exponent(m));
+  const float scale = std::ldexp(1.0f, -math::scale_exponent(detail::max_abs(u, d)));
   for (int i = 0; i < d; ++i) u[i] *= scale;
-  const float n2 = dot(u, u, d);
+  const float n2 = detail::dot8(u, u, d);
   if (!(n2 > 0.0f)) {
     std::fill(u, u + d, 0.0f);
     return false;
