@@ -56,6 +56,7 @@ float max_of(const float* x, std::int64_t n) {
   return *std::max_element(m, m + kLanes);
 }
 
+#if !defined(__AVX2__)
 float sum_of(const float* x, std::int64_t n) {
   float s[kLanes] = {};
   std::int64_t i = 0;
@@ -64,15 +65,40 @@ float sum_of(const float* x, std::int64_t n) {
   for (; i < n; ++i) s[0] += x[i];
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
+#endif
 
 }  // namespace
 
-void softmax_inplace(float* x, std::int64_t len) {
-  if (len <= 0) return;
+float softmax_unnormalised(float* x, std::int64_t len) {
+  if (len <= 0) return 0.0f;
   const float m = max_of(x, len);
+#if defined(__AVX2__)
+  // x - m, exp and the eight lane sums in one pass: the same values and the
+  // same sum order as the three passes (subtract, exp_inplace, sum_of).
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 lanes = _mm256_setzero_ps();
+  std::int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    const __m256 e = _ZGVdN8v_expf(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+    _mm256_storeu_ps(x + i, e);
+    lanes = _mm256_add_ps(lanes, e);
+  }
+  float s[kLanes];
+  _mm256_storeu_ps(s, lanes);
+  for (std::int64_t t = i; t < len; ++t) x[t] -= m;
+  exp_inplace(x + i, len - i);
+  for (; i < len; ++i) s[0] += x[i];
+  const float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+#else
   for (std::int64_t i = 0; i < len; ++i) x[i] -= m;
   exp_inplace(x, len);
-  const float inv = 1.0f / sum_of(x, len);
+  const float sum = sum_of(x, len);
+#endif
+  return 1.0f / sum;
+}
+
+void softmax_inplace(float* x, std::int64_t len) {
+  const float inv = softmax_unnormalised(x, len);
   for (std::int64_t i = 0; i < len; ++i) x[i] *= inv;
 }
 

@@ -34,6 +34,11 @@ void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, in
 /// through glibc's vector expf, so each result depends on its input only.
 void exp_inplace(float* x, std::int64_t n);
 
+/// In place: x <- exp(x - max x) over len entries; returns 1 / their sum (0
+/// for len <= 0), so softmax(x) = x * the result. Lets a consumer fold the
+/// normalisation into its own pass over the row instead of a pass of its own.
+float softmax_unnormalised(float* x, std::int64_t len);
+
 /// In place: x <- softmax(x) over len entries (max subtracted). No-op for len <= 0.
 void softmax_inplace(float* x, std::int64_t len);
 

@@ -85,7 +85,8 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
   // kv heads per pass: as many as keep their logits within kLogitFloats (in
   // cache), so small windows (TOVA's one query) share one parallel region.
   const int heads = static_cast<int>(std::clamp<std::int64_t>(kLogitFloats / std::max<std::int64_t>(1, R * T), 1, s.kv_heads));
-  std::vector<float> logits(static_cast<std::size_t>(heads * R * T)), Q(static_cast<std::size_t>(heads * R * d));
+  std::vector<float> logits(static_cast<std::size_t>(heads * R * T)), Q(static_cast<std::size_t>(heads * R * d)),
+      inv(static_cast<std::size_t>(heads * R));  // 1 / each row's exp sum
   // Row r of a group = (q head r / w, token T - w + r % w), which sees keys 0..t.
   const auto last_key = [&](std::int64_t r) { return T - w + r % w; };
   for (int g0 = 0; g0 < s.kv_heads; g0 += heads) {
@@ -109,9 +110,10 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
           gemm_qkt(Qg, R, kb.data(), n, d, lg, T);
         }
       }
+      // Each row's exps; its normalisation is folded into the reduction below.
 #pragma omp for schedule(static)
       for (std::int64_t r = 0; r < nh * R; ++r)
-        detail::softmax_inplace(&logits[static_cast<std::size_t>(r * T)], last_key(r % R) + 1);
+        inv[static_cast<std::size_t>(r)] = detail::softmax_unnormalised(&logits[static_cast<std::size_t>(r * T)], last_key(r % R) + 1);
       // Reduce each q head's w rows column block by column block, rows in order.
 #pragma omp for schedule(static)
       for (std::int64_t item = 0; item < nh * G * blocks; ++item) {
@@ -119,12 +121,13 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
         float* acc = out + (g0 * G + e) * T;  // probabilities are >= 0: 0 is also the max identity
         for (std::int64_t r = e * w; r < (e + 1) * w; ++r) {
           const float* p = &logits[static_cast<std::size_t>(r * T)];
+          const float ir = inv[static_cast<std::size_t>(r)];
           const std::int64_t end = std::min(j1, last_key(r % R) + 1);
           if (rows == Reduce::kMax) {
-            for (std::int64_t j = j0; j < end; ++j) acc[j] = std::max(acc[j], p[j]);
+            for (std::int64_t j = j0; j < end; ++j) acc[j] = std::max(acc[j], p[j] * ir);
           } else {
 #pragma omp simd
-            for (std::int64_t j = j0; j < end; ++j) acc[j] += p[j];
+            for (std::int64_t j = j0; j < end; ++j) acc[j] += p[j] * ir;
           }
         }
         if (rows == Reduce::kMean)
@@ -158,9 +161,9 @@ void accumulated_attention(const LayerShape& s, const S* q, const S* k, bool per
         for (std::int64_t u = 0; u < n; ++u) {
           float* row = &P[static_cast<std::size_t>(u * seen)];
           const std::int64_t len = t0 + u + 1;  // query t0 + u sees keys 0..t0 + u
-          detail::softmax_inplace(row, len);
+          const float inv = detail::softmax_unnormalised(row, len);
 #pragma omp simd
-          for (std::int64_t j = 0; j < len; ++j) acc[j] += row[j];
+          for (std::int64_t j = 0; j < len; ++j) acc[j] += row[j] * inv;
         }
       }
       if (per_query)
