@@ -91,17 +91,20 @@ VecX group_reduce(const std::vector<VecX>& per_q_head, int kv_head, int q_heads,
 Selection top_k(const VecX& scores, std::span<const std::int64_t> candidates, std::int64_t k) {
   for (std::int64_t j : candidates)
     if (std::isnan(scores[j])) throw Error(ErrorKind::kBadNumber, "score of token " + std::to_string(j) + " is NaN");
+  // The total order: higher score first, the lower index on equal scores.
+  const auto better = [&](std::int64_t a, std::int64_t b) { return scores[a] != scores[b] ? scores[a] > scores[b] : a < b; };
   std::vector<std::int64_t> order(candidates.begin(), candidates.end());
-  std::sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
-    return scores[a] != scores[b] ? scores[a] > scores[b] : a < b;
-  });
   const auto kk = static_cast<std::size_t>(std::clamp<std::int64_t>(k, 0, static_cast<std::int64_t>(order.size())));
+  // Only the k best need to be found (a partition, not a full sort): the
+  // first kk of `order` are they; the rest follow in any order.
+  const auto cut = order.begin() + static_cast<std::ptrdiff_t>(kk);
+  if (kk > 0 && kk < order.size()) std::nth_element(order.begin(), cut - 1, order.end(), better);
   Selection s;
-  s.kept.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(kk));
+  s.kept.assign(order.begin(), cut);
   if (kk > 0 && kk < order.size()) {
-    const double min_kept = scores[order[kk - 1]];
-    s.margin = min_kept - scores[order[kk]];
-    for (std::size_t i = kk; i < order.size() && scores[order[i]] == min_kept; ++i) ++s.ties;
+    const double min_kept = scores[order[kk - 1]];  // the k-th best (nth_element put it there)
+    s.margin = min_kept - scores[*std::min_element(cut, order.end(), better)];      // minus the best left out
+    s.ties = std::count_if(cut, order.end(), [&](std::int64_t j) { return scores[j] == min_kept; });
   }
   std::sort(s.kept.begin(), s.kept.end());
   return s;
