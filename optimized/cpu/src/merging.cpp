@@ -20,9 +20,7 @@ float max_abs_diff(const float* a, const float* b, int d) {
   __m256 v = _mm256_setzero_ps();
   for (; c + 8 <= d; c += 8)
     v = _mm256_max_ps(v, _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c))));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  m = *std::max_element(lanes, lanes + 8);
+  m = detail::hmax(v);
 #endif
   for (; c < d; ++c) m = std::max(m, std::abs(a[c] - b[c]));
   return m;

@@ -24,6 +24,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/// The largest of the eight lanes (max is exact in any order).
+inline float hmax(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
 }  // namespace kvscope::opt::cpu::detail
 #endif
 
@@ -52,9 +59,7 @@ inline float max_abs(const float* x, int n) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  m = hmax(v);
 #endif
   for (; i < n; ++i) m = std::max(m, std::abs(x[i]));
   return m;
