@@ -69,10 +69,15 @@ struct GatherScratch {
 /// in flight cover the DRAM latency at a thread's share of the bandwidth.
 constexpr std::int64_t kRowsAhead = 8;
 
+/// The kv head whose slots hold plan row r.
+std::int64_t head_of_row(const RaggedPlan& p, std::int64_t r) {
+  return std::upper_bound(p.offsets, p.offsets + p.heads + 1, r) - p.offsets - 1;
+}
+
 /// Hints the K and V rows row r reads.
 template <class S>
 void prefetch_sources(const RaggedPlan& p, std::int64_t r, const S* k, const S* v, std::int64_t head_elems, int d) {
-  const std::int64_t h = std::upper_bound(p.offsets, p.offsets + p.heads + 1, r) - p.offsets - 1;
+  const std::int64_t h = head_of_row(p, r);
   const std::size_t bytes = static_cast<std::size_t>(d) * sizeof(S);
   for (std::int64_t e = p.row_ptr[r]; e < p.row_ptr[r + 1]; ++e) {
     const std::int64_t at = h * head_elems + p.token[e] * d;
@@ -117,7 +122,6 @@ void apply_ragged_plan(const RaggedPlan& plan, const S* k, const S* v, std::int6
                        S* v_out) {
   const int d = head_dim;
   const std::int64_t rows = plan.offsets[plan.heads];
-  const std::int64_t* const heads_end = plan.offsets + plan.heads + 1;
   // One parallel loop over every head's rows: no barrier per head.
   // K'/V' are written with streaming stores (each thread fences its own
   // before the region's closing barrier).
@@ -127,7 +131,7 @@ void apply_ragged_plan(const RaggedPlan& plan, const S* k, const S* v, std::int6
 #pragma omp for schedule(static) nowait
     for (std::int64_t r = 0; r < rows; ++r) {
       if (r + kRowsAhead < rows) prefetch_sources(plan, r + kRowsAhead, k, v, tokens * d, d);
-      const std::int64_t h = std::upper_bound(plan.offsets, heads_end, r) - plan.offsets - 1;
+      const std::int64_t h = head_of_row(plan, r);
       const std::int64_t rotate = plan.rotate != nullptr ? plan.rotate[r] : 0;
       weighted_row(plan, r, plan.coef_k, k + h * tokens * d, d, rotate, s, k_out + r * d);
       weighted_row(plan, r, plan.coef_v, v + h * tokens * d, d, 0, s, v_out + r * d);
