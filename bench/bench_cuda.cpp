@@ -24,7 +24,7 @@ namespace {
 using namespace kvscope;
 namespace cuda = opt::cuda;
 
-constexpr int kWarmup = 3, kTimed = 21, kCopies = 6;  // 6 x 34 MB of K+V (bf16) > the 50 MB L2 of an H100
+constexpr int kWarmup = 3, kTimed = 21, kCopies = 6, kBatch = 8;  // 6 x 34 MB of K+V (bf16) > the 50 MB L2 of an H100
 const cuda::LayerShape kShape{32, 8, 128, 8192};
 constexpr DType kDtype = DType::kBF16;
 
@@ -32,9 +32,13 @@ void check(cudaError_t rc, const char* what) {
   if (rc != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(rc));
 }
 
-/// Median milliseconds of `launch(i)` over kTimed runs after kWarmup, each timed by its own event pair.
+/// Median milliseconds per launch of `launch(i)`: kTimed samples after
+/// kWarmup launches, each sample `batch` back-to-back launches (on rotating
+/// inputs) between one event pair, divided by `batch`. A batch is the steady
+/// state of a prefill (one launch per layer): a single microsecond-scale
+/// launch would time its own start-up and tail more than its work.
 template <class F>
-double median_ms(F&& launch) {
+double median_ms(F&& launch, int batch = 1) {
   cudaEvent_t a, b;
   check(cudaEventCreate(&a), "cudaEventCreate");
   check(cudaEventCreate(&b), "cudaEventCreate");
@@ -42,12 +46,12 @@ double median_ms(F&& launch) {
   std::vector<double> ms;
   for (int i = 0; i < kTimed; ++i) {
     check(cudaEventRecord(a), "cudaEventRecord");
-    launch(kWarmup + i);
+    for (int j = 0; j < batch; ++j) launch(kWarmup + i * batch + j);
     check(cudaEventRecord(b), "cudaEventRecord");
     check(cudaEventSynchronize(b), "cudaEventSynchronize");
     float t = 0;
     check(cudaEventElapsedTime(&t, a, b), "cudaEventElapsedTime");
-    ms.push_back(t);
+    ms.push_back(static_cast<double>(t) / batch);
   }
   cudaEventDestroy(a);
   cudaEventDestroy(b);
@@ -104,8 +108,9 @@ bool skip_without_device(benchmark::State& state) {
   return true;
 }
 
-/// Reports a run: manual time = the median, bytes and the ratio to the copy limit.
-void report(benchmark::State& state, double ms, double bytes) {
+/// Reports a run: manual time = the median; for memory-bound kernels the bytes
+/// and the ratio to the copy limit, for compute-bound ones the useful FLOP rate.
+void report(benchmark::State& state, double ms, double bytes, double flops = 0) {
   for (auto _ : state) state.SetIterationTime(ms * 1e-3);
   state.counters["median_ms"] = ms;
   if (bytes > 0) {
@@ -113,7 +118,16 @@ void report(benchmark::State& state, double ms, double bytes) {
     state.counters["GBps"] = bps / 1e9;
     state.counters["bw_ratio"] = bps / copy_Bps();
   }
+  if (flops > 0) state.counters["TFLOPs"] = flops / (ms * 1e-3) / 1e12;
   state.SetLabel(cuda::device_name());
+}
+
+/// FLOPs of the two softmax-column passes over rows T - rows .. T - 1 (causal):
+/// q.k for each visible (query, key) pair, computed in both passes.
+double softmax_column_flops(std::int64_t rows) {
+  const double T = static_cast<double>(kShape.tokens), r = static_cast<double>(rows);
+  const double pairs = r * T - r * (r - 1) / 2;  // sum over queries t of (t + 1) keys
+  return 2.0 * 2.0 * kShape.head_dim * pairs * kShape.q_heads;
 }
 
 void BM_copy_limit(benchmark::State& state) {
@@ -125,7 +139,9 @@ void BM_key_norm_scores(benchmark::State& state) {
   if (skip_without_device(state)) return;
   const Layers& L = layers();
   cuda::DeviceBuffer out(static_cast<std::size_t>(kShape.kv_heads * kShape.tokens) * sizeof(float));
-  const double ms = median_ms([&](int i) { cuda::key_norm_scores(kShape, kDtype, L.k[static_cast<std::size_t>(i % kCopies)].get(), out.as<float>()); });
+  const double ms = median_ms(
+      [&](int i) { cuda::key_norm_scores(kShape, kDtype, L.k[static_cast<std::size_t>(i % kCopies)].get(), out.as<float>()); },
+      kBatch);
   report(state, ms, static_cast<double>(L.kv_elems) * 2 + static_cast<double>(out.bytes()));
 }
 
@@ -136,8 +152,8 @@ void BM_window_scores(benchmark::State& state) {
   const double ms = median_ms([&](int i) {
     const auto c = static_cast<std::size_t>(i % kCopies);
     cuda::window_scores(kShape, kDtype, L.q[c].get(), L.k[c].get(), 32, cuda::Reduce::kSum, out.as<float>());
-  });
-  report(state, ms, 0);
+  }, kBatch);
+  report(state, ms, 0, softmax_column_flops(32));
 }
 
 void BM_accumulated_attention(benchmark::State& state) {
@@ -148,7 +164,7 @@ void BM_accumulated_attention(benchmark::State& state) {
     const auto c = static_cast<std::size_t>(i % kCopies);
     cuda::accumulated_attention(kShape, kDtype, L.q[c].get(), L.k[c].get(), false, out.as<float>());
   });
-  report(state, ms, 0);
+  report(state, ms, 0, softmax_column_flops(kShape.tokens));
 }
 
 /// Eviction to half the tokens (every other one) through the ragged kernel, then decode attention over it.
@@ -181,8 +197,8 @@ void BM_apply_ragged_plan_half(benchmark::State& state) {
   cuda::DeviceBuffer ko(bytes), vo(bytes);
   const double ms = median_ms([&](int i) {
     const auto c = static_cast<std::size_t>(i % kCopies);
-    cuda::apply_ragged_plan(p.plan(), kDtype, L.k[c].get(), L.v[c].get(), kShape.tokens, kShape.head_dim, ko.get(), vo.get());
-  });
+    cuda::apply_ragged_plan(p.plan(), p.slots, kDtype, L.k[c].get(), L.v[c].get(), kShape.tokens, kShape.head_dim, ko.get(), vo.get());
+  }, kBatch);
   report(state, ms, 4.0 * static_cast<double>(bytes));  // read K, V rows; write K', V'
 }
 
@@ -197,7 +213,7 @@ void BM_decode_attention_half(benchmark::State& state) {
     const auto c = static_cast<std::size_t>(i % kCopies);
     cuda::decode_attention(q.as<float>(), kShape.q_heads, kShape.kv_heads, kShape.head_dim, p.offsets.as<std::int64_t>(),
                            p.slots, kDtype, L.k[c].get(), L.v[c].get(), nullptr, out.as<float>());
-  });
+  }, kBatch);
   report(state, ms, 2.0 * static_cast<double>(p.slots * kShape.head_dim) * 2);
 }
 
@@ -213,7 +229,7 @@ void BM_top_k_mask_half(benchmark::State& state) {
   cuda::DeviceBuffer kept(s.size());
   const double ms = median_ms([&](int) {
     cuda::top_k_mask(scores.as<float>(), nullptr, rows, kShape.tokens, k.as<std::int64_t>(), kept.as<std::uint8_t>());
-  });
+  }, kBatch);
   report(state, ms, static_cast<double>(s.size()) * (4 * 9 + 1));  // 8 radix passes + the final pass read, one byte written
 }
 

@@ -1,11 +1,13 @@
 // Shared by the CUDA kernel sources: error checks, storage loads/stores,
-// dtype dispatch, deterministic block reductions.
+// dtype dispatch, deterministic warp reductions, vector loads.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "kvscope/core/dtype_kind.hpp"
@@ -44,31 +46,52 @@ decltype(auto) dispatch(DType t, F&& f) {
   return f(float{});
 }
 
-constexpr int kBlock = 256;  // threads of the reduction kernels (a power of two)
+constexpr int kBlock = 256;  // threads of the element-wise and per-row kernels (a power of two)
 
-/// Sum / max of one value per thread over the block, in a fixed tree: the same
-/// bits on every run. Every thread gets the result. `scratch`: kBlock floats.
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
-  scratch[threadIdx.x] = x;
-  __syncthreads();
-  for (int s = kBlock / 2; s > 0; s /= 2) {
-    if (static_cast<int>(threadIdx.x) < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float r = scratch[0];
-  __syncthreads();
-  return r;
+/// Sum / max over the 32 lanes of a warp by an xor butterfly: a fixed order,
+/// every lane gets the result.
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int m = 16; m > 0; m /= 2) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
 }
-__device__ __forceinline__ float block_max(float x, float* scratch) {
-  scratch[threadIdx.x] = x;
-  __syncthreads();
-  for (int s = kBlock / 2; s > 0; s /= 2) {
-    if (static_cast<int>(threadIdx.x) < s) scratch[threadIdx.x] = fmaxf(scratch[threadIdx.x], scratch[threadIdx.x + s]);
-    __syncthreads();
-  }
-  const float r = scratch[0];
-  __syncthreads();
-  return r;
+__device__ __forceinline__ float warp_max(float x) {
+  for (int m = 16; m > 0; m /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
+  return x;
+}
+
+/// Four consecutive storage elements p[0..3] as fp32, in one 8-byte (fp16,
+/// bf16) or 16-byte (fp32) load: p must be aligned to that size.
+__device__ __forceinline__ void load4(const float* p, float* out) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  out[0] = x.x;
+  out[1] = x.y;
+  out[2] = x.z;
+  out[3] = x.w;
+}
+__device__ __forceinline__ void load4(const __half* p, float* out) {
+  const uint2 x = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&x.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&x.y));
+  out[0] = a.x;
+  out[1] = a.y;
+  out[2] = b.x;
+  out[3] = b.y;
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float* out) {
+  const uint2 x = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
+  out[0] = a.x;
+  out[1] = a.y;
+  out[2] = b.x;
+  out[3] = b.y;
+}
+
+/// Whether every pointer is aligned to `bytes` (vector loads need it; cudaMalloc gives 256).
+inline bool aligned(std::size_t bytes, std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) return false;
+  return true;
 }
 
 inline unsigned grid_for(std::int64_t n, int block) { return static_cast<unsigned>((n + block - 1) / block); }

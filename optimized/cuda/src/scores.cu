@@ -1,11 +1,10 @@
-// Score kernels (cpu counterparts: optimized/cpu/src/scores.cpp). Softmax rows
-// are two kernels: one block per query row reduces its max and normaliser
-// (a fixed tree), then one thread per key sums its probabilities over the rows
-// in row order. Recomputing q.k in the second pass trades FLOPs for no T x T
-// buffer.
+// Score kernels (cpu counterparts: optimized/cpu/src/scores.cpp). The
+// softmax-column scores (window, accumulated attention) are the two tiled
+// passes of softmax_columns.cuh.
 #include <cmath>
 
 #include "common.cuh"
+#include "softmax_columns.cuh"
 #include "kvscope/opt/cuda/kernels.hpp"
 
 namespace kvscope::opt::cuda {
@@ -14,66 +13,6 @@ namespace {
 using detail::kBlock;
 using detail::load;
 
-/// Row statistics of causal softmax rows: query t_r of q head h attends keys
-/// 0..t_r. Rows are r = 0..R-1 with t_r = first + r. Writes max and sum of exp.
-template <class S>
-__global__ void row_stats(const S* q, const S* k, std::int64_t T, int d, int G, std::int64_t first, int R, float scale,
-                          float* row_max, float* row_sum) {
-  extern __shared__ float smem[];  // d floats of the scaled query, then kBlock scratch
-  float* qs = smem;
-  float* scratch = smem + d;
-  const int r = blockIdx.x, h = blockIdx.y;  // rows on x: up to 2^31 - 1 of them
-  const std::int64_t t = first + r;
-  const S* qrow = q + (static_cast<std::int64_t>(h) * T + t) * d;
-  const S* kh = k + static_cast<std::int64_t>(h / G) * T * d;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = load(qrow, i) * scale;
-  __syncthreads();
-  // Each thread folds its keys into its own (max, sum); the block then combines.
-  float m = -INFINITY, s = 0.0f;
-  for (std::int64_t j = threadIdx.x; j <= t; j += blockDim.x) {
-    float x = 0.0f;
-    for (int i = 0; i < d; ++i) x += qs[i] * load(kh, j * d + i);
-    if (x > m) {
-      s = s * expf(m - x) + 1.0f;
-      m = x;
-    } else {
-      s += expf(x - m);
-    }
-  }
-  const float M = detail::block_max(m, scratch);
-  const float L = detail::block_sum(m == -INFINITY ? 0.0f : s * expf(m - M), scratch);
-  if (threadIdx.x == 0) {
-    row_max[static_cast<std::int64_t>(h) * R + r] = M;
-    row_sum[static_cast<std::int64_t>(h) * R + r] = L;
-  }
-}
-
-/// Per q head h and key j: reduce the probabilities p_r(j) of rows r (query
-/// first + r, causal) in row order. mean divides by `divide` (0: by T - j).
-template <class S>
-__global__ void column_reduce(const S* q, const S* k, std::int64_t T, int d, int G, std::int64_t first, int R,
-                              float scale, const float* row_max, const float* row_sum, Reduce rows, bool per_query,
-                              float* out) {
-  const int h = blockIdx.y;
-  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= T) return;
-  const S* kj = k + (static_cast<std::int64_t>(h / G) * T + j) * d;
-  float acc = 0.0f;  // probabilities are >= 0: also the max identity
-  for (int r = 0; r < R; ++r) {
-    const std::int64_t t = first + r;
-    if (j > t) continue;
-    const S* qrow = q + (static_cast<std::int64_t>(h) * T + t) * d;
-    float x = 0.0f;
-    for (int i = 0; i < d; ++i) x += (load(qrow, i) * scale) * load(kj, i);
-    const std::int64_t idx = static_cast<std::int64_t>(h) * R + r;
-    const float p = expf(x - row_max[idx]) * (1.0f / row_sum[idx]);
-    acc = rows == Reduce::kMax ? fmaxf(acc, p) : acc + p;
-  }
-  if (rows == Reduce::kMean) acc /= static_cast<float>(R);
-  if (per_query) acc /= static_cast<float>(T - j);
-  out[static_cast<std::int64_t>(h) * T + j] = acc;
-}
-
 /// Softmax rows first..first+R-1 of every q head, reduced per key into out [q_heads, T].
 template <class S>
 void softmax_columns(const LayerShape& s, const S* q, const S* k, std::int64_t first, int R, Reduce rows,
@@ -81,26 +20,49 @@ void softmax_columns(const LayerShape& s, const S* q, const S* k, std::int64_t f
   const std::int64_t T = s.tokens;
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
-  detail::Scratch<float> mx(static_cast<std::int64_t>(s.q_heads) * R, stream), sm(static_cast<std::int64_t>(s.q_heads) * R, stream);
-  const std::size_t shared = static_cast<std::size_t>(d + kBlock) * sizeof(float);
-  row_stats<S><<<dim3(static_cast<unsigned>(R), static_cast<unsigned>(s.q_heads)), kBlock, shared, stream>>>(
-      q, k, T, d, G, first, R, scale, mx.get(), sm.get());
-  KVSCOPE_CUDA_LAUNCHED("row_stats");
-  column_reduce<S><<<dim3(detail::grid_for(T, kBlock), static_cast<unsigned>(s.q_heads)), kBlock, 0, stream>>>(
+  using detail::kTile;
+  const std::int64_t n_rows = static_cast<std::int64_t>(s.q_heads) * R;
+  // Splits of the causal key range: the last row (first + R - 1) sees keys 0..first + R - 1.
+  const auto splits = static_cast<int>(detail::grid_for(first + R, kTile * detail::kSplitTiles));
+  detail::Scratch<float> part(n_rows * 2 * splits, stream), mx(n_rows, stream), sm(n_rows, stream);
+  const dim3 row_tiles(detail::grid_for(R, kTile), static_cast<unsigned>(s.q_heads), static_cast<unsigned>(splits));
+  detail::softmax_row_stats<S><<<row_tiles, detail::kTileThreads, 0, stream>>>(q, k, T, d, G, first, R, scale,
+                                                                               part.get());
+  KVSCOPE_CUDA_LAUNCHED("softmax_row_stats");
+  detail::softmax_row_merge<<<detail::grid_for(n_rows, kBlock), kBlock, 0, stream>>>(part.get(), splits, n_rows,
+                                                                                     mx.get(), sm.get());
+  KVSCOPE_CUDA_LAUNCHED("softmax_row_merge");
+  const dim3 key_tiles(detail::grid_for(T, kTile), static_cast<unsigned>(s.q_heads));
+  detail::softmax_column_reduce<S><<<key_tiles, detail::kTileThreads, 0, stream>>>(
       q, k, T, d, G, first, R, scale, mx.get(), sm.get(), rows, per_query, out);
-  KVSCOPE_CUDA_LAUNCHED("column_reduce");
+  KVSCOPE_CUDA_LAUNCHED("softmax_column_reduce");
 }
 
+/// One warp per key row (kNormWarps rows per block): lanes read four
+/// elements at a time (one vector load when `vec`), then an xor-butterfly sum.
+/// (Four rows per warp with all loads issued first measured no faster.)
+constexpr int kNormWarps = 8;
 template <class S>
-__global__ void key_norms(const S* k, std::int64_t rows, int d, float* out) {
-  const std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= rows) return;
+__global__ void key_norms(const S* k, std::int64_t rows, int d, bool vec, float* out) {
+  const std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * kNormWarps + threadIdx.x / 32;
+  if (r >= rows) return;  // whole warps leave together
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const S* row = k + r * d;
   float acc = 0.0f;
-  for (int i = 0; i < d; ++i) {
-    const float x = load(k, r * d + i);
-    acc += x * x;
+  if (vec) {
+    for (int i = 4 * lane; i < d; i += 128) {
+      float x[4];
+      detail::load4(row + i, x);
+      acc += x[0] * x[0] + x[1] * x[1] + x[2] * x[2] + x[3] * x[3];
+    }
+  } else {
+    for (int i = lane; i < d; i += 32) {
+      const float x = load(row, i);
+      acc += x * x;
+    }
   }
-  out[r] = -sqrtf(acc);
+  acc = detail::warp_sum(acc);
+  if (lane == 0) out[r] = -sqrtf(acc);
 }
 
 __global__ void pool_rows(const float* x, int rows, std::int64_t n, std::int64_t kernel, Pool pool, float* y) {
@@ -161,7 +123,9 @@ void key_norm_scores(const LayerShape& s, DType dtype, const void* k, float* out
   if (rows == 0) return;
   detail::dispatch(dtype, [&](auto tag) {
     using S = decltype(tag);
-    key_norms<S><<<detail::grid_for(rows, kBlock), kBlock, 0, stream>>>(static_cast<const S*>(k), rows, s.head_dim, out);
+    const bool vec = s.head_dim % 4 == 0 && detail::aligned(4 * sizeof(S), {k});
+    key_norms<S><<<detail::grid_for(rows, kNormWarps), 32 * kNormWarps, 0, stream>>>(static_cast<const S*>(k), rows,
+                                                                                  s.head_dim, vec, out);
   });
   KVSCOPE_CUDA_LAUNCHED("key_norms");
 }

@@ -66,15 +66,19 @@ void merge_segments(const float* sim, int rows, std::int64_t n, float threshold,
 /// cpu::apply_ragged_plan: every slot's K'/V' row as the plan's weighted sum of
 /// token rows (fp32 accumulation, optional RoPE re-rotation, one rounding on
 /// store): eviction, compaction, Gaussian and neighbour merges and centre
-/// scatter are all this kernel. The plan's arrays are device memory.
-void apply_ragged_plan(const RaggedPlan& plan, DType dtype, const void* k, const void* v, std::int64_t tokens,
-                       int head_dim, void* k_out, void* v_out, Stream stream = nullptr);
+/// scatter are all this kernel. The plan's arrays are device memory; `slots`
+/// = plan.offsets[plan.heads] (the caller sized k_out by it; passing it saves
+/// a device-to-host read and a sync). One thread per slot and pair of 16-byte
+/// pieces (i, i + d/2), so each RoPE pair stays in one thread.
+void apply_ragged_plan(const RaggedPlan& plan, std::int64_t slots, DType dtype, const void* k, const void* v,
+                       std::int64_t tokens, int head_dim, void* k_out, void* v_out, Stream stream = nullptr);
 
 /// cpu::decode_attention: one query per q head over its kv head's ragged
 /// slots (offsets: device [kv_heads + 1], total_slots = offsets[kv_heads]),
-/// optional per-slot log bias. q [q_heads, d] fp32, out [q_heads, d]. One
-/// block per q head: logits, a block max and normaliser, then one thread per
-/// output dimension sums over the slots in order.
+/// optional per-slot log bias. q [q_heads, d] fp32, out [q_heads, d].
+/// Flash-decoding: a block per chunk of 32 slots attends it for the G q heads
+/// sharing the kv head (K'/V' read once), then a merge of each q head's chunks
+/// in chunk order. A kv head with no slots gives zeros.
 void decode_attention(const float* q, int q_heads, int kv_heads, int head_dim, const std::int64_t* offsets,
                       std::int64_t total_slots, DType dtype, const void* k, const void* v, const float* log_bias,
                       float* out, Stream stream = nullptr);
