@@ -1,6 +1,7 @@
 // Selection kernels (cpu counterparts: optimized/cpu/src/select.cpp and the
-// backend's top_k): segmented exact top-k by radix select, adjacent-key
-// cosine, and merge-set segmentation by a max-scan.
+// backend's top_k): segmented exact top-k by radix select (the row's keys
+// staged in shared memory), adjacent-key cosine, and merge-set segmentation
+// by a max-scan.
 #include <cstdint>
 
 #include "common.cuh"
@@ -13,69 +14,101 @@ namespace {
 using detail::kBlock;
 using detail::load;
 
-/// The order key of (score, index): smaller key = better (higher score; on
-/// equal scores the lower index), one total order like cpu::top_k's. -0 is +0.
-__device__ __forceinline__ unsigned long long order_key(float score, std::int64_t j) {
+/// High half of the order key of (score, index): smaller = better (higher
+/// score), one total order like cpu::top_k's with the index as the low half.
+/// -0 is +0. 0xffffffff (a NaN's key) marks a token that is not a candidate.
+__device__ __forceinline__ unsigned score_key(float score) {
   if (score == 0.0f) score = 0.0f;
-  unsigned u = __float_as_uint(score);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending float order as unsigned
-  return (static_cast<unsigned long long>(~u) << 32) | static_cast<unsigned long long>(j);
+  const unsigned u = __float_as_uint(score);
+  return ~((u & 0x80000000u) ? ~u : (u | 0x80000000u));  // ~(ascending float order as unsigned)
 }
+constexpr unsigned kNotCandidate = 0xffffffffu;
 
-/// One block per row: finds the k-th smallest order key among the candidates
-/// (8 passes of an 8-bit radix histogram; counts are order-free, so exact and
-/// deterministic), then marks every candidate at or below it.
-__global__ void top_k_rows(const float* scores, const std::uint8_t* candidate, std::int64_t n, const std::int64_t* k,
-                           std::uint8_t* kept) {
-  __shared__ unsigned long long hist[256];
+constexpr int kTopKThreads = 1024;
+
+/// One block per row: finds the k-th smallest order key (score_key, index)
+/// among the candidates by 8 passes of an 8-bit radix histogram (counts are
+/// order-free: exact and deterministic), then marks every candidate at or
+/// below it. With kStaged the row's score keys are computed once into shared
+/// memory and the passes read them there; otherwise each pass recomputes them
+/// from global memory (rows too long for shared memory).
+template <bool kStaged>
+__global__ void __launch_bounds__(kTopKThreads) top_k_rows(const float* scores, const std::uint8_t* candidate,
+                                                           std::int64_t n, const std::int64_t* k, std::uint8_t* kept) {
+  extern __shared__ unsigned staged[];  // n score keys when kStaged
+  __shared__ unsigned hist[256];
   __shared__ unsigned long long prefix;  // digits fixed so far (high bits)
   __shared__ long long remaining;        // rank still to find inside the prefix
-  __shared__ long long count;
+  __shared__ unsigned long long count;
+  const int t = static_cast<int>(threadIdx.x);
   const std::int64_t row = blockIdx.x;
   const float* s = scores + row * n;
   const std::uint8_t* cand = candidate ? candidate + row * n : nullptr;
   std::uint8_t* out = kept + row * n;
+  const auto key_hi = [&](std::int64_t j) -> unsigned {
+    if (kStaged) return staged[j];
+    return cand && !cand[j] ? kNotCandidate : score_key(s[j]);
+  };
 
-  if (threadIdx.x == 0) count = 0;
+  if (t == 0) count = 0;
   __syncthreads();
-  long long mine = 0;
-  for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) mine += (!cand || cand[j]) ? 1 : 0;
-  atomicAdd(reinterpret_cast<unsigned long long*>(&count), static_cast<unsigned long long>(mine));
+  unsigned long long mine = 0;
+  for (std::int64_t j = t; j < n; j += kTopKThreads) {
+    const unsigned h = cand && !cand[j] ? kNotCandidate : score_key(s[j]);
+    if (kStaged) staged[j] = h;
+    mine += h != kNotCandidate ? 1 : 0;
+  }
+  atomicAdd(&count, mine);
   __syncthreads();
   const long long want = k[row] < 0 ? 0 : k[row];
-  if (want >= count || want == 0) {  // all or none of the candidates
-    for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = (want > 0 && (!cand || cand[j])) ? 1 : 0;
+  if (want >= static_cast<long long>(count) || want == 0) {  // all or none of the candidates
+    for (std::int64_t j = t; j < n; j += kTopKThreads) out[j] = want > 0 && key_hi(j) != kNotCandidate ? 1 : 0;
     return;
   }
-  if (threadIdx.x == 0) {
+  if (t == 0) {
     prefix = 0;
     remaining = want;  // 1-based rank of the threshold key
   }
   for (int shift = 56; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    for (int b = t; b < 256; b += kTopKThreads) hist[b] = 0;
     __syncthreads();
-    const unsigned long long high_mask = shift == 56 ? 0ull : (~0ull << (shift + 8));
-    for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      if (cand && !cand[j]) continue;
-      const unsigned long long key = order_key(s[j], j);
-      if ((key & high_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1ull);
+    const unsigned long long high_mask = shift == 56 ? 0ull : (~0ull << (shift + 8)), want_high = prefix;
+    for (std::int64_t j = t; j < n; j += kTopKThreads) {
+      const unsigned h = key_hi(j);
+      if (h == kNotCandidate) continue;
+      const unsigned long long key = (static_cast<unsigned long long>(h) << 32) | static_cast<unsigned>(j);
+      if ((key & high_mask) == want_high) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      long long left = remaining;
-      int digit = 0;
-      for (; digit < 256; ++digit) {
-        if (left <= static_cast<long long>(hist[digit])) break;
-        left -= static_cast<long long>(hist[digit]);
+    if (t < 32) {  // the digit holding rank `remaining`: a warp scan over 8 bins per lane
+      unsigned c[8], sum = 0;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) sum += (c[u] = hist[t * 8 + u]);
+      unsigned incl = sum;
+      for (int o = 1; o < 32; o *= 2) {
+        const unsigned y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (t >= o) incl += y;
       }
-      prefix |= static_cast<unsigned long long>(digit) << shift;
-      remaining = left;
+      const long long rank = remaining;
+      const unsigned reach = __ballot_sync(0xffffffffu, static_cast<long long>(incl) >= rank);
+      if (t == __ffs(reach) - 1) {
+        long long left = rank - static_cast<long long>(incl - sum);
+        int digit = t * 8;
+        for (int u = 0; u < 8 && left > static_cast<long long>(c[u]); ++u, ++digit) left -= c[u];
+        prefix = want_high | (static_cast<unsigned long long>(digit) << shift);
+        remaining = left;
+      }
     }
     __syncthreads();
   }
   const unsigned long long threshold = prefix;  // keys are unique: exactly `want` keys are <= it
-  for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x)
-    out[j] = ((!cand || cand[j]) && order_key(s[j], j) <= threshold) ? 1 : 0;
+  for (std::int64_t j = t; j < n; j += kTopKThreads) {
+    const unsigned h = key_hi(j);
+    out[j] = h != kNotCandidate &&
+                     ((static_cast<unsigned long long>(h) << 32) | static_cast<unsigned>(j)) <= threshold
+                 ? 1
+                 : 0;
+  }
 }
 
 template <class S>
@@ -139,7 +172,21 @@ __global__ void segment_rows(const float* sim, std::int64_t n, float threshold, 
 void top_k_mask(const float* scores, const std::uint8_t* candidate, int rows, std::int64_t n, const std::int64_t* k,
                 std::uint8_t* kept, Stream stream) {
   if (rows == 0 || n == 0) return;
-  top_k_rows<<<static_cast<unsigned>(rows), kBlock, 0, stream>>>(scores, candidate, n, k, kept);
+  // Stage the row's keys in shared memory when they fit the device's opt-in limit (~56k tokens on sm_90).
+  int dev = 0, optin = 0;
+  detail::check(cudaGetDevice(&dev), "cudaGetDevice");
+  detail::check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  const std::size_t staged = static_cast<std::size_t>(n) * sizeof(unsigned);
+  constexpr std::size_t kStatic = 4096;  // hist and the scalars, with room
+  if (staged + kStatic <= static_cast<std::size_t>(optin)) {
+    if (staged > 48 * 1024 - kStatic)
+      detail::check(cudaFuncSetAttribute(top_k_rows<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(staged)),
+                    "top_k_mask: shared memory for the staged row");
+    top_k_rows<true><<<static_cast<unsigned>(rows), kTopKThreads, staged, stream>>>(scores, candidate, n, k, kept);
+  } else {
+    top_k_rows<false><<<static_cast<unsigned>(rows), kTopKThreads, 0, stream>>>(scores, candidate, n, k, kept);
+  }
   KVSCOPE_CUDA_LAUNCHED("top_k_rows");
 }
 
