@@ -255,92 +255,92 @@ TEST(CudaKernels, RaggedPlanAndDecodeAttentionMatchCpu) {
   KVSCOPE_REQUIRE_GPU();
   std::mt19937_64 rng(61);
   // (q heads, kv heads, d): 16-byte vector paths (d 64), odd d (RoPE leaves the last element alone) and
-  // d/2 = 3 (scalar path). Per-head slot counts include an empty head and a head of several 64-slot chunks.
+  // d/2 = 3 (scalar path). Per-head slot counts include an empty head and one over two 128-slot chunks.
   struct Case {
     int hq, hkv, d;
   };
   const std::int64_t kSlots[] = {40, 0, 147, 7};
   for (const Case& cs : {Case{8, 4, 64}, Case{6, 2, 7}, Case{4, 4, 6}})
-  for (DType t : kDtypes)
-    for (bool bias : {false, true}) {
-      const int hq = cs.hq, hkv = cs.hkv, d = cs.d;
-      const std::int64_t T = 150;
-      const Data k = device_data(hkv * T * d, t, 62), v = device_data(hkv * T * d, t, 63);
-      // Per head: slots of 1..3 random tokens with random weights, some re-rotated.
-      std::vector<std::int64_t> offsets{0}, row_ptr{0}, token, rotate;
-      std::vector<float> ck, cv;
-      std::uniform_int_distribution<std::int64_t> tok(0, T - 1), len(1, 3), shift(-40, 40);
-      std::uniform_real_distribution<float> w(0.1f, 1.0f);
-      for (int h = 0; h < hkv; ++h) {
-        const std::int64_t slots = kSlots[h % 4];
-        for (std::int64_t r = 0; r < slots; ++r) {
-          for (std::int64_t e = len(rng); e > 0; --e) {
-            token.push_back(tok(rng));
-            ck.push_back(w(rng));
-            cv.push_back(w(rng));
+    for (DType t : kDtypes)
+      for (bool bias : {false, true}) {
+        const int hq = cs.hq, hkv = cs.hkv, d = cs.d;
+        const std::int64_t T = 150;
+        const Data k = device_data(hkv * T * d, t, 62), v = device_data(hkv * T * d, t, 63);
+        // Per head: slots of 1..3 random tokens with random weights, some re-rotated.
+        std::vector<std::int64_t> offsets{0}, row_ptr{0}, token, rotate;
+        std::vector<float> ck, cv;
+        std::uniform_int_distribution<std::int64_t> tok(0, T - 1), len(1, 3), shift(-40, 40);
+        std::uniform_real_distribution<float> w(0.1f, 1.0f);
+        for (int h = 0; h < hkv; ++h) {
+          const std::int64_t slots = kSlots[h % 4];
+          for (std::int64_t r = 0; r < slots; ++r) {
+            for (std::int64_t e = len(rng); e > 0; --e) {
+              token.push_back(tok(rng));
+              ck.push_back(w(rng));
+              cv.push_back(w(rng));
+            }
+            row_ptr.push_back(static_cast<std::int64_t>(token.size()));
+            rotate.push_back(r % 3 == 0 ? shift(rng) : 0);
           }
-          row_ptr.push_back(static_cast<std::int64_t>(token.size()));
-          rotate.push_back(r % 3 == 0 ? shift(rng) : 0);
+          offsets.push_back(offsets.back() + slots);
         }
-        offsets.push_back(offsets.back() + slots);
-      }
-      const std::int64_t total = offsets.back();
-      opt::cpu::RaggedPlan host{hkv, offsets.data(), row_ptr.data(), token.data(), ck.data(), cv.data(), rotate.data(), 10000.0};
-      const DeviceBuffer doff = DeviceBuffer::from(offsets), drow = DeviceBuffer::from(row_ptr),
-                         dtok = DeviceBuffer::from(token), dck = DeviceBuffer::from(ck), dcv = DeviceBuffer::from(cv),
-                         drot = DeviceBuffer::from(rotate);
-      cuda::RaggedPlan dev{hkv, doff.as<std::int64_t>(), drow.as<std::int64_t>(), dtok.as<std::int64_t>(),
-                           dck.as<float>(), dcv.as<float>(), drot.as<std::int64_t>(), 10000.0};
-      std::vector<float> q(static_cast<std::size_t>(hq * d)), log_bias(static_cast<std::size_t>(total));
-      std::normal_distribution<float> g;
-      for (float& x : q) x = g(rng);
-      for (std::int64_t r = 0; r < total; ++r)
-        log_bias[static_cast<std::size_t>(r)] = std::log(static_cast<float>(row_ptr[static_cast<std::size_t>(r + 1)] - row_ptr[static_cast<std::size_t>(r)]));
-      const DeviceBuffer dq = DeviceBuffer::from(q), dbias = DeviceBuffer::from(log_bias);
+        const std::int64_t total = offsets.back();
+        opt::cpu::RaggedPlan host{hkv, offsets.data(), row_ptr.data(), token.data(), ck.data(), cv.data(), rotate.data(), 10000.0};
+        const DeviceBuffer doff = DeviceBuffer::from(offsets), drow = DeviceBuffer::from(row_ptr),
+                           dtok = DeviceBuffer::from(token), dck = DeviceBuffer::from(ck), dcv = DeviceBuffer::from(cv),
+                           drot = DeviceBuffer::from(rotate);
+        cuda::RaggedPlan dev{hkv, doff.as<std::int64_t>(), drow.as<std::int64_t>(), dtok.as<std::int64_t>(),
+                             dck.as<float>(), dcv.as<float>(), drot.as<std::int64_t>(), 10000.0};
+        std::vector<float> q(static_cast<std::size_t>(hq * d)), log_bias(static_cast<std::size_t>(total));
+        std::normal_distribution<float> g;
+        for (float& x : q) x = g(rng);
+        for (std::int64_t r = 0; r < total; ++r)
+          log_bias[static_cast<std::size_t>(r)] = std::log(static_cast<float>(row_ptr[static_cast<std::size_t>(r + 1)] - row_ptr[static_cast<std::size_t>(r)]));
+        const DeviceBuffer dq = DeviceBuffer::from(q), dbias = DeviceBuffer::from(log_bias);
 
-      opt::StorageBuffer ko(t, total * d), vo(t, total * d);
-      std::vector<float> want(static_cast<std::size_t>(hq * d));
-      DeviceBuffer dko(static_cast<std::size_t>(total * d * dtype_bytes(t))), dvo(dko.bytes());
-      dko.fill(0xff);
-      dvo.fill(0xff);
-      cuda::apply_ragged_plan(dev, total, t, k.dev.get(), v.dev.get(), T, d, dko.get(), dvo.get());
-      DeviceBuffer out = poisoned_floats(hq * d);
-      cuda::decode_attention(dq.as<float>(), hq, hkv, d, doff.as<std::int64_t>(), total, t, dko.get(), dvo.get(),
-                             bias ? dbias.as<float>() : nullptr, out.as<float>());
-      opt::cpu::dispatch_storage(t, [&](auto tag) {
-        using S = decltype(tag);
-        opt::cpu::apply_ragged_plan<S>(host, k.host.data<S>(), v.host.data<S>(), T, d, ko.data<S>(), vo.data<S>());
-        // Compare the caches: one rounding to S of nearly equal fp32 sums, so at most one ulp of S apart.
-        std::vector<S> gk(static_cast<std::size_t>(total * d)), gv(gk.size());
-        dko.download(gk.data(), gk.size() * sizeof(S));
-        dvo.download(gv.data(), gv.size() * sizeof(S));
-        const double ulp = t == DType::kF32 ? 1e-6 : t == DType::kF16 ? 1e-3 : 8e-3;
-        for (std::size_t i = 0; i < gk.size(); ++i) {
-          const float a = static_cast<float>(gk[i]), b = ko.get(static_cast<std::int64_t>(i));
-          const float c = static_cast<float>(gv[i]), e = vo.get(static_cast<std::int64_t>(i));
-          ASSERT_TRUE(std::isfinite(a) && std::isfinite(c)) << "slot value " << i << " not written";
-          ASSERT_LE(std::abs(a - b), ulp * std::max(1.0f, std::abs(b)) * 2) << dtype_name(t) << " d " << d << " key " << i;
-          ASSERT_LE(std::abs(c - e), ulp * std::max(1.0f, std::abs(e)) * 2) << dtype_name(t) << " d " << d << " value " << i;
-        }
-        // Decode attention on the CPU's cache: both sides then read the same storage.
-        const DeviceBuffer ck_same = [&] {
-          DeviceBuffer b(static_cast<std::size_t>(total * d) * sizeof(S));
-          b.upload(ko.data<S>(), b.bytes());
-          return b;
-        }();
-        const DeviceBuffer cv_same = [&] {
-          DeviceBuffer b(static_cast<std::size_t>(total * d) * sizeof(S));
-          b.upload(vo.data<S>(), b.bytes());
-          return b;
-        }();
-        opt::cpu::decode_attention<S>(q.data(), hq, hkv, d, offsets.data(), ko.data<S>(), vo.data<S>(),
-                                      bias ? log_bias.data() : nullptr, want.data());
-        cuda::decode_attention(dq.as<float>(), hq, hkv, d, doff.as<std::int64_t>(), total, t, ck_same.get(),
-                               cv_same.get(), bias ? dbias.as<float>() : nullptr, out.as<float>());
-      });
-      EXPECT_LE(max_rel_diff(out.to_vector<float>(want.size()), want), kFp32Order)
-          << dtype_name(t) << " hq " << hq << " hkv " << hkv << " d " << d << " bias " << bias;
-    }
+        opt::StorageBuffer ko(t, total * d), vo(t, total * d);
+        std::vector<float> want(static_cast<std::size_t>(hq * d));
+        DeviceBuffer dko(static_cast<std::size_t>(total * d * dtype_bytes(t))), dvo(dko.bytes());
+        dko.fill(0xff);
+        dvo.fill(0xff);
+        cuda::apply_ragged_plan(dev, total, t, k.dev.get(), v.dev.get(), T, d, dko.get(), dvo.get());
+        DeviceBuffer out = poisoned_floats(hq * d);
+        cuda::decode_attention(dq.as<float>(), hq, hkv, d, doff.as<std::int64_t>(), total, t, dko.get(), dvo.get(),
+                               bias ? dbias.as<float>() : nullptr, out.as<float>());
+        opt::cpu::dispatch_storage(t, [&](auto tag) {
+          using S = decltype(tag);
+          opt::cpu::apply_ragged_plan<S>(host, k.host.data<S>(), v.host.data<S>(), T, d, ko.data<S>(), vo.data<S>());
+          // Compare the caches: one rounding to S of nearly equal fp32 sums, so at most one ulp of S apart.
+          std::vector<S> gk(static_cast<std::size_t>(total * d)), gv(gk.size());
+          dko.download(gk.data(), gk.size() * sizeof(S));
+          dvo.download(gv.data(), gv.size() * sizeof(S));
+          const double ulp = t == DType::kF32 ? 1e-6 : t == DType::kF16 ? 1e-3 : 8e-3;
+          for (std::size_t i = 0; i < gk.size(); ++i) {
+            const float a = static_cast<float>(gk[i]), b = ko.get(static_cast<std::int64_t>(i));
+            const float c = static_cast<float>(gv[i]), e = vo.get(static_cast<std::int64_t>(i));
+            ASSERT_TRUE(std::isfinite(a) && std::isfinite(c)) << "slot value " << i << " not written";
+            ASSERT_LE(std::abs(a - b), ulp * std::max(1.0f, std::abs(b)) * 2) << dtype_name(t) << " d " << d << " key " << i;
+            ASSERT_LE(std::abs(c - e), ulp * std::max(1.0f, std::abs(e)) * 2) << dtype_name(t) << " d " << d << " value " << i;
+          }
+          // Decode attention on the CPU's cache: both sides then read the same storage.
+          const DeviceBuffer ck_same = [&] {
+            DeviceBuffer b(static_cast<std::size_t>(total * d) * sizeof(S));
+            b.upload(ko.data<S>(), b.bytes());
+            return b;
+          }();
+          const DeviceBuffer cv_same = [&] {
+            DeviceBuffer b(static_cast<std::size_t>(total * d) * sizeof(S));
+            b.upload(vo.data<S>(), b.bytes());
+            return b;
+          }();
+          opt::cpu::decode_attention<S>(q.data(), hq, hkv, d, offsets.data(), ko.data<S>(), vo.data<S>(),
+                                        bias ? log_bias.data() : nullptr, want.data());
+          cuda::decode_attention(dq.as<float>(), hq, hkv, d, doff.as<std::int64_t>(), total, t, ck_same.get(),
+                                 cv_same.get(), bias ? dbias.as<float>() : nullptr, out.as<float>());
+        });
+        EXPECT_LE(max_rel_diff(out.to_vector<float>(want.size()), want), kFp32Order)
+            << dtype_name(t) << " hq " << hq << " hkv " << hkv << " d " << d << " bias " << bias;
+      }
 }
 
 // Bitwise determinism over many runs (scripts/gpu-check sets KVSCOPE_GPU_RUNS=100):

@@ -64,6 +64,24 @@ __device__ __forceinline__ void accumulate(float* acc, float c, const float* x, 
   for (int u = 0; u < N; ++u) acc[u] = first ? c * x[u] : acc[u] + c * x[u];
 }
 
+/// Adds c times one entry's row `row` to a thread's piece: elements [lo, lo + N)
+/// and [hi, hi + N) when paired, else the single element lo.
+template <class S, int N>
+__device__ __forceinline__ void add_entry(const S* row, bool paired, int lo, int hi, float c, float* acc_lo,
+                                          float* acc_hi, bool& first) {
+  float x[N];
+  if (paired) {
+    load_n<S, N>(row + lo, x);
+    accumulate<N>(acc_lo, c, x, first);
+    load_n<S, N>(row + hi, x);
+    accumulate<N>(acc_hi, c, x, first);
+  } else {
+    x[0] = load(row, lo);
+    accumulate<1>(acc_lo, c, x, first);
+  }
+  first = false;
+}
+
 /// One thread per (slot, pair of N-element pieces): elements [i, i + N) and
 /// [i + half, i + half + N) of the slot's K' and V' rows, so each RoPE pair
 /// (i, i + d/2) is in one thread. N = kVec<S> (16-byte loads) when d/2 is a
@@ -91,31 +109,8 @@ __global__ void ragged_rows(RaggedPlan plan, std::int64_t slots, const S* k, con
   for (std::int64_t e = plan.row_ptr[r]; e < plan.row_ptr[r + 1]; ++e) {
     const std::int64_t at = plan.token[e] * d;
     const float ck = plan.coef_k[e], cv = plan.coef_v[e];
-    float x[N];
-    if (ck != 0.0f) {
-      if (paired) {
-        load_n<S, N>(kh + at + lo, x);
-        accumulate<N>(klo, ck, x, k_first);
-        load_n<S, N>(kh + at + hi, x);
-        accumulate<N>(khi, ck, x, k_first);
-      } else {
-        x[0] = load(kh, at + lo);
-        accumulate<1>(klo, ck, x, k_first);
-      }
-      k_first = false;
-    }
-    if (cv != 0.0f) {
-      if (paired) {
-        load_n<S, N>(vh + at + lo, x);
-        accumulate<N>(vlo, cv, x, v_first);
-        load_n<S, N>(vh + at + hi, x);
-        accumulate<N>(vhi, cv, x, v_first);
-      } else {
-        x[0] = load(vh, at + lo);
-        accumulate<1>(vlo, cv, x, v_first);
-      }
-      v_first = false;
-    }
+    if (ck != 0.0f) add_entry<S, N>(kh + at, paired, lo, hi, ck, klo, khi, k_first);
+    if (cv != 0.0f) add_entry<S, N>(vh + at, paired, lo, hi, cv, vlo, vhi, v_first);
   }
   S* ko = k_out + r * d;
   S* vo = v_out + r * d;
