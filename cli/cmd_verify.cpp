@@ -64,10 +64,10 @@ void run_verify_command(VerifyArgs a) {
   const opt::Backend backend = opt::parse_backend(a.backend);
   if (backend == opt::Backend::kReference)
     throw Error(ErrorKind::kUsage, "verify compares a backend with the reference: --backend cpu (or cuda)");
-  if (backend == opt::Backend::kCuda)
-    throw Error(ErrorKind::kUsage, "the cuda backend has kernels (optimized/cuda) but no methods yet (issue #8): use --backend cpu");
+  const bool cuda = backend == opt::Backend::kCuda;
   if (a.methods.empty())
-    for (const std::string& f : opt::cpu_families()) a.methods += (a.methods.empty() ? "" : ",") + f;
+    for (const std::string& f : cuda ? opt::cuda_families() : opt::cpu_families())
+      a.methods += (a.methods.empty() ? "" : ",") + f;
   const std::vector<MethodSpec> specs = MethodSpec::parse_list(a.methods);
   const std::vector<Budget> budgets = Budget::parse_list(a.budgets);
 
@@ -78,7 +78,7 @@ void run_verify_command(VerifyArgs a) {
   std::vector<std::unique_ptr<opt::BackendMethod>> opts;
   for (const MethodSpec& s : specs) {
     refs.push_back(ref::make_method(s));
-    opts.push_back(opt::make_cpu_method(s));
+    opts.push_back(cuda ? opt::make_cuda_method(s) : opt::make_cpu_method(s));
   }
   const int first_layer = repro ? repro->layer : 0;
   if (repro) meta.layers = repro->layers;  // layer-dependent methods see the original position

@@ -257,8 +257,7 @@ ConfiguredRuns configure_runs(const TraceMeta& meta, const ReplayOptions& option
     if (options.backend == opt::Backend::kCpu)
       c.backends.push_back(opt::make_cpu_method(spec));
     else if (options.backend == opt::Backend::kCuda)
-      throw Error(ErrorKind::kUsage, "the cuda backend has kernels (optimized/cuda) but no methods yet (issue #8); use "
-                                     "--backend cpu or reference");
+      c.backends.push_back(opt::make_cuda_method(spec));
     else
       c.backends.push_back(nullptr);
   }

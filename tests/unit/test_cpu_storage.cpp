@@ -101,7 +101,10 @@ TEST(CpuStorage, StreamCopyWritesExactlyTheSourceBytesAtEveryAlignment) {
       stream_copy(dst + offset, src.data() + 3, bytes);
       stream_fence();
       ASSERT_EQ(std::memcmp(dst + offset, src.data() + 3, bytes), 0) << "offset " << offset << ", bytes " << bytes;
-      for (std::size_t i = 0; i < sizeof dst; ++i)
-        if (i < offset || i >= offset + bytes) ASSERT_EQ(dst[i], 0xA5) << "byte " << i << " written outside the copy";
+      for (std::size_t i = 0; i < sizeof dst; ++i) {
+        if (i < offset || i >= offset + bytes) {
+          ASSERT_EQ(dst[i], 0xA5) << "byte " << i << " written outside the copy";
+        }
+      }
     }
 }

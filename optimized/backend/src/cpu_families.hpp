@@ -44,8 +44,9 @@ void parallel_heads(int heads, F&& f) {
 
 /// Every q head's accumulated attention, [q_heads, T]: the trace's recorded
 /// column sums when it has them (read in place, not copied), else computed by
-/// cpu::accumulated_attention into `computed`.
-const float* accumulated_attention(const LayerStorage& in, std::vector<float>& computed);
+/// `kernels` into `computed`.
+const float* accumulated_attention(const LayerStorage& in, std::vector<float>& computed,
+                                   const ScoreKernels& kernels = cpu_score_kernels());
 
 /// Window scores of every q head, [q_heads, T] (cpu::window_scores on the layer's storage).
 std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cpu::Reduce rows);

@@ -24,13 +24,9 @@ cpu::Pool to_cpu(ref::Pool p) {
   return p == ref::Pool::kNone ? cpu::Pool::kNone : p == ref::Pool::kAvg ? cpu::Pool::kAvg : cpu::Pool::kMax;
 }
 
-const float* accumulated_attention(const LayerStorage& in, std::vector<float>& computed) {
+const float* accumulated_attention(const LayerStorage& in, std::vector<float>& computed, const ScoreKernels& kernels) {
   if (!in.attn_colsum.empty()) return in.attn_colsum.data();
-  computed.resize(static_cast<std::size_t>(in.shape.q_heads * in.shape.tokens));
-  cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
-    using S = decltype(tag);
-    cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, computed.data());
-  });
+  computed = kernels.accumulated_attention(in);
   return computed.data();
 }
 
@@ -43,16 +39,44 @@ std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, cp
   return out;
 }
 
+class CpuScoreKernels final : public ScoreKernels {
+ public:
+  std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, kern::Reduce rows) const override {
+    return opt::window_scores(in, window, rows);
+  }
+  std::vector<float> accumulated_attention(const LayerStorage& in) const override {
+    std::vector<float> out(static_cast<std::size_t>(in.shape.q_heads * in.shape.tokens));
+    cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      cpu::accumulated_attention(in.shape, in.q.data<S>(), in.k.data<S>(), false, out.data());
+    });
+    return out;
+  }
+  std::vector<float> key_norm_scores(const LayerStorage& in) const override {
+    std::vector<float> out(static_cast<std::size_t>(in.shape.kv_heads * in.shape.tokens));
+    cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      cpu::key_norm_scores(in.shape, in.k.data<S>(), out.data());
+    });
+    return out;
+  }
+};
+
+const ScoreKernels& cpu_score_kernels() {
+  static const CpuScoreKernels kernels;
+  return kernels;
+}
+
 namespace {
 
-/// SnapKV eq. 1 + pooling + GQA reduction on the CPU (ref::snapkv_scores).
+/// SnapKV eq. 1 + pooling + GQA reduction (ref::snapkv_scores); the window scores on `kernels`' device.
 ScoreSet snapkv_scores(const LayerStorage& in, std::int64_t budget, const ref::SnapKVConfig& c,
-                       const std::string& family) {
+                       const std::string& family, const ScoreKernels& kernels) {
   const std::int64_t T = in.shape.tokens, w = std::min(c.window, T), past = T - w;
   const int hq = in.shape.q_heads, hkv = in.shape.kv_heads;
   ScoreSet out{hkv, T, std::vector<float>(static_cast<std::size_t>(hkv * T), 0.0f),
                ref::snapkv_protected(T, budget, c, family)};
-  std::vector<float> per_q = window_scores(in, w, to_cpu(c.rows));
+  std::vector<float> per_q = kernels.window_scores(in, w, to_cpu(c.rows));
   // Only the past keys [0, T - w) are candidates, and pooling sees only them.
   std::vector<float> past_q(static_cast<std::size_t>(hq * past)), tmp(static_cast<std::size_t>(past));
   for (int h = 0; h < hq; ++h) {
@@ -78,14 +102,16 @@ ScoreSet snapkv_scores(const LayerStorage& in, std::int64_t budget, const ref::S
 
 class SnapKVScorer final : public BackendScorer {
  public:
-  SnapKVScorer(ref::SnapKVConfig c, std::string family) : c_(c), family_(std::move(family)) {}
+  SnapKVScorer(ref::SnapKVConfig c, std::string family, const ScoreKernels& kernels)
+      : c_(c), family_(std::move(family)), kernels_(kernels) {}
   ScoreSet score(const LayerStorage& in, std::int64_t budget) const override {
-    return snapkv_scores(in, budget, c_, family_);
+    return snapkv_scores(in, budget, c_, family_, kernels_);
   }
 
  private:
   ref::SnapKVConfig c_;
   std::string family_;
+  const ScoreKernels& kernels_;
 };
 
 /// Score-then-top-k with every head at the layer budget.
@@ -106,12 +132,12 @@ class ScoredEviction final : public BackendMethod {
 
 class H2OScorer final : public BackendScorer {
  public:
-  explicit H2OScorer(const ref::H2OConfig& c) : c_(c) {}
+  H2OScorer(const ref::H2OConfig& c, const ScoreKernels& kernels) : c_(c), kernels_(kernels) {}
   ScoreSet score(const LayerStorage& in, std::int64_t budget) const override {
     const std::int64_t T = in.shape.tokens;
     const int hq = in.shape.q_heads, hkv = in.shape.kv_heads;
     std::vector<float> computed;
-    const float* acc = accumulated_attention(in, computed);
+    const float* acc = accumulated_attention(in, computed, kernels_);
     ScoreSet out{hkv, T, std::vector<float>(static_cast<std::size_t>(hkv * T)), {}};
     cpu::group_reduce(acc, hq, hkv, T, to_cpu(c_.gqa), out.scores.data());
     if (c_.per_query)  // ObservedAttentionPress: column j over the T - j queries that saw it
@@ -123,16 +149,17 @@ class H2OScorer final : public BackendScorer {
 
  private:
   ref::H2OConfig c_;
+  const ScoreKernels& kernels_;
 };
 
 class TovaScorer final : public BackendScorer {
  public:
-  explicit TovaScorer(bool keep_last) : keep_last_(keep_last) {}
+  TovaScorer(bool keep_last, const ScoreKernels& kernels) : keep_last_(keep_last), kernels_(kernels) {}
   ScoreSet score(const LayerStorage& in, std::int64_t budget) const override {
     const std::int64_t T = in.shape.tokens;
     const int hq = in.shape.q_heads, hkv = in.shape.kv_heads;
     // The last query's attention, averaged over every q head: one vector for all kv heads.
-    const std::vector<float> per_q = window_scores(in, 1, cpu::Reduce::kSum);
+    const std::vector<float> per_q = kernels_.window_scores(in, 1, cpu::Reduce::kSum);
     std::vector<float> layer(static_cast<std::size_t>(T));
     cpu::group_reduce(per_q.data(), hq, 1, T, cpu::Reduce::kMean, layer.data());
     ScoreSet out{hkv, T, {}, ref::tova_protected(T, budget, keep_last_)};
@@ -142,18 +169,16 @@ class TovaScorer final : public BackendScorer {
 
  private:
   bool keep_last_;
+  const ScoreKernels& kernels_;
 };
 
 class KNormScorer final : public BackendScorer {
  public:
-  KNormScorer(std::int64_t sinks, std::int64_t window) : sinks_(sinks), window_(window) {}
+  KNormScorer(std::int64_t sinks, std::int64_t window, const ScoreKernels& kernels)
+      : sinks_(sinks), window_(window), kernels_(kernels) {}
   ScoreSet score(const LayerStorage& in, std::int64_t) const override {
     const std::int64_t T = in.shape.tokens;
-    ScoreSet out{in.shape.kv_heads, T, std::vector<float>(static_cast<std::size_t>(in.shape.kv_heads * T)), {}};
-    cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
-      using S = decltype(tag);
-      cpu::key_norm_scores(in.shape, in.k.data<S>(), out.scores.data());
-    });
+    ScoreSet out{in.shape.kv_heads, T, kernels_.key_norm_scores(in), {}};
     out.protected_tokens = ref::merge_sorted(ref::index_range(0, std::min(sinks_, T)),
                                              ref::index_range(std::max<std::int64_t>(0, T - window_), T));
     return out;
@@ -161,12 +186,13 @@ class KNormScorer final : public BackendScorer {
 
  private:
   std::int64_t sinks_, window_;
+  const ScoreKernels& kernels_;
 };
 
 class KNorm final : public BackendMethod {
  public:
-  explicit KNorm(const ref::Params& p)
-      : skip_layers_(p.integer("skip_layers", 0)), scorer_(p.integer("sinks", 0), p.integer("window", 0)) {}
+  KNorm(const ref::Params& p, const ScoreKernels& kernels)
+      : skip_layers_(p.integer("skip_layers", 0)), scorer_(p.integer("sinks", 0), p.integer("window", 0), kernels) {}
   ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const override {
     const std::int64_t T = in.shape.tokens;
     const auto heads = static_cast<std::size_t>(in.shape.kv_heads);
@@ -183,8 +209,9 @@ class KNorm final : public BackendMethod {
 
 class PyramidKV final : public BackendMethod {
  public:
-  explicit PyramidKV(const ref::Params& p)
+  PyramidKV(const ref::Params& p, const ScoreKernels& kernels)
       : c_(ref::snapkv_config(p, "pyramidkv")),
+        kernels_(kernels),
         beta_(p.integer("beta", 1)),
         schedule_(p.choice("schedule", {"integer", "float"}) == "integer" ? ref::PyramidSchedule::kInteger
                                                                           : ref::PyramidSchedule::kFloat) {}
@@ -193,20 +220,24 @@ class PyramidKV final : public BackendMethod {
     const std::int64_t b =
         ref::pyramid_budgets(in.meta->layers, T, budget, c_.window, beta_, schedule_)[static_cast<std::size_t>(in.layer)];
     const std::vector<std::int64_t> budgets(static_cast<std::size_t>(in.shape.kv_heads), b);
-    return ref::LayerPlans::uniform(select_per_head(snapkv_scores(in, b, c_, "pyramidkv"), budgets, "pyramidkv"), b);
+    return ref::LayerPlans::uniform(
+        select_per_head(snapkv_scores(in, b, c_, "pyramidkv", kernels_), budgets, "pyramidkv"), b);
   }
 
  private:
   ref::SnapKVConfig c_;
+  const ScoreKernels& kernels_;
   std::int64_t beta_;
   ref::PyramidSchedule schedule_;
 };
 
 class AdaKV final : public BackendMethod {
  public:
-  explicit AdaKV(const ref::Params& p) : base_(make_cpu_method(ref::adakv_base(p))), o_(ref::adakv_options(p)) {
+  AdaKV(const ref::Params& p, std::unique_ptr<BackendMethod> base, const char* backend)
+      : base_(std::move(base)), o_(ref::adakv_options(p)) {
     if (!base_->scorer())
-      throw Error(ErrorKind::kUsage, "adakv: base '" + p.text("base") + "' has no prefill scorer on the cpu backend");
+      throw Error(ErrorKind::kUsage, "adakv: base '" + p.text("base") + "' has no prefill scorer on the " +
+                                         std::string(backend) + " backend");
   }
   ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const override {
     const ScoreSet s = base_->scorer()->score(in, budget);
@@ -239,57 +270,104 @@ class PositionOnly final : public BackendMethod {
   std::unique_ptr<ref::Method> ref_;
 };
 
-using Maker = std::function<std::unique_ptr<BackendMethod>(const MethodSpec&, const ref::ResolvedSpec&)>;
+/// The device a backend method is made for: its name, whether it is the GPU
+/// (only the `cuda` families then), and its score kernels, asked for only
+/// once the family is known to have a maker (the device check comes last).
+struct Device {
+  const char* name;
+  bool cuda;
+  const ScoreKernels& (*kernels)();
+};
 
-const std::map<std::string, Maker>& makers() {
-  static const std::map<std::string, Maker> m = {
-      {"full", [](const MethodSpec& s, const ref::ResolvedSpec&) { return std::make_unique<PositionOnly>(s); }},
-      {"streaming_llm", [](const MethodSpec& s, const ref::ResolvedSpec&) { return std::make_unique<PositionOnly>(s); }},
-      {"knorm", [](const MethodSpec&, const ref::ResolvedSpec& r) { return std::make_unique<KNorm>(r.params); }},
+std::unique_ptr<BackendMethod> make_method(const MethodSpec& spec, const Device& device);
+
+using Maker = std::function<std::unique_ptr<BackendMethod>(const MethodSpec&, const ref::ResolvedSpec&, const Device&)>;
+
+struct Family {
+  Maker make;
+  bool cuda;  // the score-then-top-k families, whose kernels are ScoreKernels
+};
+
+const std::map<std::string, Family>& makers() {
+  using R = ref::ResolvedSpec;
+  static const std::map<std::string, Family> m = {
+      {"full", {[](const MethodSpec& s, const R&, const Device&) { return std::make_unique<PositionOnly>(s); }, true}},
+      {"streaming_llm",
+       {[](const MethodSpec& s, const R&, const Device&) { return std::make_unique<PositionOnly>(s); }, true}},
+      {"knorm",
+       {[](const MethodSpec&, const R& r, const Device& d) { return std::make_unique<KNorm>(r.params, d.kernels()); },
+        true}},
       {"snapkv",
-       [](const MethodSpec&, const ref::ResolvedSpec& r) {
-         return std::make_unique<ScoredEviction>(
-             std::make_unique<SnapKVScorer>(ref::snapkv_config(r.params, "snapkv"), "snapkv"), "snapkv");
-       }},
-      {"pyramidkv", [](const MethodSpec&, const ref::ResolvedSpec& r) { return std::make_unique<PyramidKV>(r.params); }},
-      {"adakv", [](const MethodSpec&, const ref::ResolvedSpec& r) { return std::make_unique<AdaKV>(r.params); }},
+       {[](const MethodSpec&, const R& r, const Device& d) {
+          return std::make_unique<ScoredEviction>(
+              std::make_unique<SnapKVScorer>(ref::snapkv_config(r.params, "snapkv"), "snapkv", d.kernels()), "snapkv");
+        },
+        true}},
+      {"pyramidkv",
+       {[](const MethodSpec&, const R& r, const Device& d) { return std::make_unique<PyramidKV>(r.params, d.kernels()); },
+        true}},
+      {"adakv",
+       {[](const MethodSpec&, const R& r, const Device& d) {
+          return std::make_unique<AdaKV>(r.params, make_method(ref::adakv_base(r.params), d), d.name);
+        },
+        true}},
       {"h2o",
-       [](const MethodSpec&, const ref::ResolvedSpec& r) {
-         return std::make_unique<ScoredEviction>(std::make_unique<H2OScorer>(ref::h2o_config(r.params)), "h2o");
-       }},
+       {[](const MethodSpec&, const R& r, const Device& d) {
+          return std::make_unique<ScoredEviction>(std::make_unique<H2OScorer>(ref::h2o_config(r.params), d.kernels()),
+                                                  "h2o");
+        },
+        true}},
       {"tova",
-       [](const MethodSpec&, const ref::ResolvedSpec& r) {
-         return std::make_unique<ScoredEviction>(std::make_unique<TovaScorer>(r.params.boolean("keep_last")), "tova");
-       }},
-      {"kvmerger", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_kvmerger(r.params); }},
-      {"weightedkv", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_weightedkv(r.params); }},
-      {"ems", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_ems(r.params); }},
-      {"cam", [](const MethodSpec& s, const ref::ResolvedSpec& r) { return make_cpu_cam(s, r.params); }},
-      {"dynamickv", [](const MethodSpec&, const ref::ResolvedSpec& r) { return make_cpu_dynamickv(r.params); }},
+       {[](const MethodSpec&, const R& r, const Device& d) {
+          return std::make_unique<ScoredEviction>(
+              std::make_unique<TovaScorer>(r.params.boolean("keep_last"), d.kernels()), "tova");
+        },
+        true}},
+      {"kvmerger", {[](const MethodSpec&, const R& r, const Device&) { return make_cpu_kvmerger(r.params); }, false}},
+      {"weightedkv",
+       {[](const MethodSpec&, const R& r, const Device&) { return make_cpu_weightedkv(r.params); }, false}},
+      {"ems", {[](const MethodSpec&, const R& r, const Device&) { return make_cpu_ems(r.params); }, false}},
+      {"cam", {[](const MethodSpec& s, const R& r, const Device&) { return make_cpu_cam(s, r.params); }, false}},
+      {"dynamickv", {[](const MethodSpec&, const R& r, const Device&) { return make_cpu_dynamickv(r.params); }, false}},
   };
   return m;
 }
 
-}  // namespace
-
-std::vector<std::string> cpu_families() {
+std::vector<std::string> families_on(bool cuda) {
   std::vector<std::string> out;
-  for (const auto& f : ref::method_families())
-    if (makers().count(f.family)) out.push_back(f.family);
+  for (const auto& f : ref::method_families()) {
+    const auto it = makers().find(f.family);
+    if (it != makers().end() && (!cuda || it->second.cuda)) out.push_back(f.family);
+  }
   return out;
 }
 
-std::unique_ptr<BackendMethod> make_cpu_method(const MethodSpec& spec) {
+std::unique_ptr<BackendMethod> make_method(const MethodSpec& spec, const Device& device) {
   const ref::ResolvedSpec r = ref::resolve_spec(spec);  // unknown names fail here, as for the reference
   const auto it = makers().find(spec.family);
-  if (it == makers().end()) {
+  if (it == makers().end() || (device.cuda && !it->second.cuda)) {
     std::string list;
-    for (const std::string& f : cpu_families()) list += (list.empty() ? "" : ", ") + f;
-    throw Error(ErrorKind::kUsage, "method '" + spec.family + "' has no cpu backend yet (cpu backend: " + list +
-                                       "); use --backend reference");
+    for (const std::string& f : families_on(device.cuda)) list += (list.empty() ? "" : ", ") + f;
+    throw Error(ErrorKind::kUsage, "method '" + spec.family + "' has no " + device.name + " backend yet (" +
+                                       device.name + " backend: " + list + "); use --backend " +
+                                       (device.cuda ? "cpu or reference" : "reference"));
   }
   r.family->make(r.preset, r.params);  // the reference's own parameter checks, once
-  return it->second(spec, r);
+  if (device.cuda) device.kernels();  // no device: that error now, for position-only families too
+  return it->second.make(spec, r, device);
+}
+
+}  // namespace
+
+std::vector<std::string> cpu_families() { return families_on(false); }
+std::vector<std::string> cuda_families() { return families_on(true); }
+
+std::unique_ptr<BackendMethod> make_cpu_method(const MethodSpec& spec) {
+  return make_method(spec, {"cpu", false, &cpu_score_kernels});
+}
+
+std::unique_ptr<BackendMethod> make_cuda_method(const MethodSpec& spec) {
+  return make_method(spec, {"cuda", true, &cuda_score_kernels});
 }
 
 }  // namespace kvscope::opt

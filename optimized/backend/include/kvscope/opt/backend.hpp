@@ -63,11 +63,37 @@ class BackendMethod {
   virtual const BackendScorer* scorer() const { return nullptr; }
 };
 
+/// The heavy score kernels of the score-then-top-k methods, on one device:
+/// each returns host fp32 scores for a layer's storage. The scorers and the
+/// selection around them are the same code on every backend.
+class ScoreKernels {
+ public:
+  virtual ~ScoreKernels() = default;
+  /// [q_heads, T]: softmax rows of the last `window` queries, reduced per key (cpu::window_scores).
+  virtual std::vector<float> window_scores(const LayerStorage& in, std::int64_t window, kern::Reduce rows) const = 0;
+  /// [q_heads, T]: every causal row's probabilities summed per key (cpu::accumulated_attention).
+  virtual std::vector<float> accumulated_attention(const LayerStorage& in) const = 0;
+  /// [kv_heads, T]: -||k_j|| (cpu::key_norm_scores).
+  virtual std::vector<float> key_norm_scores(const LayerStorage& in) const = 0;
+};
+/// optimized/cpu's kernels.
+const ScoreKernels& cpu_score_kernels();
+/// optimized/cuda's kernels on the current device: each call uploads the
+/// layer's q and k, runs the kernel, and downloads the scores. Error(kUsage)
+/// when this build has no CUDA or no device is present (with CUDA's reason).
+const ScoreKernels& cuda_score_kernels();
+
 /// The CPU implementation of `spec`; a family without one is Error(kUsage)
 /// listing those that have one.
 std::unique_ptr<BackendMethod> make_cpu_method(const MethodSpec& spec);
 /// Families the CPU backend implements, in registry order.
 std::vector<std::string> cpu_families();
+/// The CUDA implementation of `spec`: the score-then-top-k families with their
+/// score kernels on the GPU (cuda_score_kernels), selection on the CPU as the
+/// cpu backend's; other families are Error(kUsage) listing those it has.
+std::unique_ptr<BackendMethod> make_cuda_method(const MethodSpec& spec);
+/// Families the CUDA backend implements, in registry order.
+std::vector<std::string> cuda_families();
 
 /// ref::select_per_head's contract on fp32 scores with the O(n) top-k kernel:
 /// protected tokens plus the best head_budgets[h] - |protected| others.
