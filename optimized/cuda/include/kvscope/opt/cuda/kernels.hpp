@@ -76,7 +76,7 @@ void apply_ragged_plan(const RaggedPlan& plan, std::int64_t slots, DType dtype, 
 /// cpu::decode_attention: one query per q head over its kv head's ragged
 /// slots (offsets: device [kv_heads + 1], total_slots = offsets[kv_heads]),
 /// optional per-slot log bias. q [q_heads, d] fp32, out [q_heads, d].
-/// Flash-decoding: a block per chunk of 32 slots attends it for the G q heads
+/// Flash-decoding: a block per chunk of 128 slots attends it for the G q heads
 /// sharing the kv head (K'/V' read once), then a merge of each q head's chunks
 /// in chunk order. A kv head with no slots gives zeros.
 void decode_attention(const float* q, int q_heads, int kv_heads, int head_dim, const std::int64_t* offsets,
