@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include "kvscope/core/dtype_kind.hpp"
 #include "kvscope/core/error.hpp"
@@ -59,32 +60,55 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-/// Four consecutive storage elements p[0..3] as fp32, in one 8-byte (fp16,
-/// bf16) or 16-byte (fp32) load: p must be aligned to that size.
-__device__ __forceinline__ void load4(const float* p, float* out) {
-  const float4 x = *reinterpret_cast<const float4*>(p);
-  out[0] = x.x;
-  out[1] = x.y;
-  out[2] = x.z;
-  out[3] = x.w;
+/// Vector loads and stores of N consecutive storage elements as fp32: one
+/// 16-byte (or 8-byte) access when N elements fill exactly that, so p must be
+/// aligned to it; element by element otherwise.
+template <class S>
+constexpr int kVec = 16 / static_cast<int>(sizeof(S));  // storage elements per 16 bytes
+
+template <class S, int N>
+__device__ __forceinline__ void load_n(const S* p, float* out) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(S));
+  if constexpr (kBytes == 16 || kBytes == 8) {
+    using Raw = std::conditional_t<kBytes == 16, uint4, uint2>;
+    const Raw raw = *reinterpret_cast<const Raw*>(p);
+    const S* e = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+    for (int u = 0; u < N; ++u) out[u] = load(e, u);
+  } else {
+#pragma unroll
+    for (int u = 0; u < N; ++u) out[u] = load(p, u);
+  }
 }
-__device__ __forceinline__ void load4(const __half* p, float* out) {
-  const uint2 x = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&x.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&x.y));
-  out[0] = a.x;
-  out[1] = a.y;
-  out[2] = b.x;
-  out[3] = b.y;
+template <class S, int N>
+__device__ __forceinline__ void store_n(const float* x, S* p) {
+  if constexpr (N == kVec<S>) {
+    uint4 raw;
+    S* e = reinterpret_cast<S*>(&raw);
+#pragma unroll
+    for (int u = 0; u < N; ++u) e[u] = store_as<S>(x[u]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int u = 0; u < N; ++u) p[u] = store_as<S>(x[u]);
+  }
 }
-__device__ __forceinline__ void load4(const __nv_bfloat16* p, float* out) {
-  const uint2 x = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
-  out[0] = a.x;
-  out[1] = a.y;
-  out[2] = b.x;
-  out[3] = b.y;
+
+/// Dynamic shared memory a block may use on the current device once a kernel
+/// opts in (cudaDevAttrMaxSharedMemoryPerBlockOptin: ~227 KiB on sm_90).
+inline int shared_optin_bytes() {
+  int dev = 0, bytes = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  return bytes;
+}
+
+/// Lets `kernel` take `dynamic` bytes of dynamic shared memory beside its
+/// `static_bytes`: the opt-in CUDA needs once a block's total passes 48 KiB.
+template <class Kernel>
+void allow_dynamic_shared(Kernel* kernel, std::size_t dynamic, std::size_t static_bytes, const char* what) {
+  if (dynamic + static_bytes > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)), what);
 }
 
 /// Whether every pointer is aligned to `bytes` (vector loads need it; cudaMalloc gives 256).

@@ -13,7 +13,10 @@
 namespace kvscope::opt::cuda {
 namespace {
 
+using detail::kVec;
 using detail::load;
+using detail::load_n;
+using detail::store_n;
 
 /// The kv head whose slots hold global slot r: the last h with offsets[h] <= r.
 __device__ __forceinline__ int head_of_slot(const std::int64_t* offsets, int heads, std::int64_t r) {
@@ -23,37 +26,6 @@ __device__ __forceinline__ int head_of_slot(const std::int64_t* offsets, int hea
     if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
   }
   return lo;
-}
-
-/// Storage elements per 16-byte vector.
-template <class S>
-constexpr int kVec = 16 / static_cast<int>(sizeof(S));
-
-/// n storage elements from p (16-byte aligned when n == kVec<S>) as fp32.
-template <class S, int N>
-__device__ __forceinline__ void load_n(const S* p, float* out) {
-  if constexpr (N == kVec<S>) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const S* e = reinterpret_cast<const S*>(&raw);
-#pragma unroll
-    for (int u = 0; u < N; ++u) out[u] = load(e, u);
-  } else {
-#pragma unroll
-    for (int u = 0; u < N; ++u) out[u] = load(p, u);
-  }
-}
-template <class S, int N>
-__device__ __forceinline__ void store_n(const float* x, S* p) {
-  if constexpr (N == kVec<S>) {
-    uint4 raw;
-    S* e = reinterpret_cast<S*>(&raw);
-#pragma unroll
-    for (int u = 0; u < N; ++u) e[u] = detail::store_as<S>(x[u]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-#pragma unroll
-    for (int u = 0; u < N; ++u) p[u] = detail::store_as<S>(x[u]);
-  }
 }
 
 /// acc = (first ? 0 : acc) + c * x over N lanes; starting from the first term
@@ -365,9 +337,7 @@ void decode_attention(const float* q, int q_heads, int kv_heads, int head_dim, c
     if (chunks == 0) return;
     const int pieces = decode_pieces<S>(d, k, v);
     // Stage V in shared memory when the vector path applies and it fits the device's opt-in limit.
-    int dev = 0, optin = 0;
-    detail::check(cudaGetDevice(&dev), "cudaGetDevice");
-    detail::check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    const int optin = detail::shared_optin_bytes();
     DecodeShared sh = decode_shared(G, d, pieces, sizeof(S), pieces > 0);
     if (sh.bytes() > static_cast<std::size_t>(optin)) sh = decode_shared(G, d, pieces, sizeof(S), false);
     if (sh.bytes() > static_cast<std::size_t>(optin))
@@ -375,10 +345,8 @@ void decode_attention(const float* q, int q_heads, int kv_heads, int head_dim, c
                                                    std::to_string(G) + " q heads per kv head needs " +
                                                    std::to_string(sh.bytes()) + " bytes of shared memory, over the "
                                                    "device's " + std::to_string(optin));
-    if (sh.bytes() > 48 * 1024)
-      detail::check(cudaFuncSetAttribute(decode_chunks<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(sh.bytes())),
-                    "decode_attention: shared memory for this head_dim and group size");
+    detail::allow_dynamic_shared(decode_chunks<S>, sh.bytes(), 0,
+                                 "decode_attention: shared memory for this head_dim and group size");
     decode_chunks<S><<<static_cast<unsigned>(chunks), kDecodeThreads, sh.bytes(), stream>>>(
         q, kv_heads, G, d, offsets, total_slots, static_cast<const S*>(k), static_cast<const S*>(v), log_bias, pieces,
         sh.v_bytes > 0 ? sh.floats : 0, ml.get(), acc.get());

@@ -52,7 +52,7 @@ __global__ void key_norms(const S* k, std::int64_t rows, int d, bool vec, float*
   if (vec) {
     for (int i = 4 * lane; i < d; i += 128) {
       float x[4];
-      detail::load4(row + i, x);
+      detail::load_n<S, 4>(row + i, x);
       acc += x[0] * x[0] + x[1] * x[1] + x[2] * x[2] + x[3] * x[3];
     }
   } else {

@@ -173,16 +173,10 @@ void top_k_mask(const float* scores, const std::uint8_t* candidate, int rows, st
                 std::uint8_t* kept, Stream stream) {
   if (rows == 0 || n == 0) return;
   // Stage the row's keys in shared memory when they fit the device's opt-in limit (~56k tokens on sm_90).
-  int dev = 0, optin = 0;
-  detail::check(cudaGetDevice(&dev), "cudaGetDevice");
-  detail::check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
   const std::size_t staged = static_cast<std::size_t>(n) * sizeof(unsigned);
   constexpr std::size_t kStatic = 4096;  // hist and the scalars, with room
-  if (staged + kStatic <= static_cast<std::size_t>(optin)) {
-    if (staged > 48 * 1024 - kStatic)
-      detail::check(cudaFuncSetAttribute(top_k_rows<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(staged)),
-                    "top_k_mask: shared memory for the staged row");
+  if (staged + kStatic <= static_cast<std::size_t>(detail::shared_optin_bytes())) {
+    detail::allow_dynamic_shared(top_k_rows<true>, staged, kStatic, "top_k_mask: shared memory for the staged row");
     top_k_rows<true><<<static_cast<unsigned>(rows), kTopKThreads, staged, stream>>>(scores, candidate, n, k, kept);
   } else {
     top_k_rows<false><<<static_cast<unsigned>(rows), kTopKThreads, 0, stream>>>(scores, candidate, n, k, kept);
