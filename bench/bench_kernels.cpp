@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "bench_common.hpp"
+#include "bench_kernel_util.hpp"
 #include "bench_register.hpp"
 #include "kvscope/opt/cpu/ragged.hpp"
 #include "kvscope/opt/cpu/scores.hpp"
@@ -19,42 +21,6 @@
 
 namespace kvscope::bench {
 namespace {
-
-using opt::cpu::bf16;
-using opt::cpu::f16;
-using opt::cpu::LayerShape;
-
-template <class S>
-constexpr DType dtype_of() {
-  if constexpr (std::is_same_v<S, f16>) return DType::kF16;
-  if constexpr (std::is_same_v<S, bf16>) return DType::kBF16;
-  return DType::kF32;
-}
-template <class S>
-const char* dtype_name() {
-  return std::is_same_v<S, f16> ? "f16" : std::is_same_v<S, bf16> ? "bf16" : "f32";
-}
-
-/// Sets the OpenMP thread count for one benchmark, restoring it after.
-struct Threads {
-  int saved;
-  explicit Threads(int n) : saved(omp_get_max_threads()) { omp_set_num_threads(n); }
-  ~Threads() { omp_set_num_threads(saved); }
-};
-
-/// `copies` back-to-back copies of n elements.
-template <class S>
-std::vector<S> replicate(const S* src, std::int64_t n, int copies) {
-  std::vector<S> out(static_cast<std::size_t>(n) * static_cast<std::size_t>(copies));
-  for (int c = 0; c < copies; ++c) std::copy(src, src + n, out.begin() + static_cast<std::ptrdiff_t>(c) * n);
-  return out;
-}
-
-LayerShape layer_shape() {
-  const Shape& s = shape();
-  return {s.q_heads, s.kv_heads, s.head_dim, s.tokens};
-}
-std::int64_t kv_elems() { return static_cast<std::int64_t>(shape().kv_heads) * shape().tokens * shape().head_dim; }
 
 // ---------------------------------------------------------------- bandwidth
 
@@ -188,15 +154,6 @@ void BM_accumulated_attention(benchmark::State& state) {
 
 // ---------------------------------------------------------------- select / pool
 
-/// Scores of the benchmark layer's snapkv-like shape: a seeded permutation, no ties.
-std::vector<float> random_scores(std::int64_t n, std::uint64_t seed) {
-  std::vector<float> s(static_cast<std::size_t>(n));
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> u(0.0f, 1.0f);
-  for (float& x : s) x = u(rng);
-  return s;
-}
-
 /// top_k of T/2 per kv head over all T candidates (one thread: the kernel is serial).
 void BM_top_k(benchmark::State& state) {
   const Shape& sh = shape();
@@ -249,9 +206,8 @@ void BM_group_reduce(benchmark::State& state) {
 
 // ---------------------------------------------------------------- ragged cache
 
-/// A 50% eviction plan of every kv head in CSR form: a seeded random half of
-/// the tokens (sorted), one-hot rows, no re-rotation.
-struct EvictionPlan {
+/// A compression plan of every kv head in CSR form (no re-rotation).
+struct CsrPlan {
   std::vector<std::int64_t> offsets{0}, row_ptr{0}, token;
   std::vector<float> coef_k, coef_v;
   opt::cpu::RaggedPlan view() const {
@@ -259,11 +215,19 @@ struct EvictionPlan {
             coef_v.data(), nullptr, 10000.0};
   }
   std::int64_t slots() const { return offsets.back(); }
+  void add_entry(std::int64_t token_index, float ck, float cv) {
+    token.push_back(token_index);
+    coef_k.push_back(ck);
+    coef_v.push_back(cv);
+  }
+  void end_row() { row_ptr.push_back(static_cast<std::int64_t>(token.size())); }
+  void end_head() { offsets.push_back(static_cast<std::int64_t>(row_ptr.size()) - 1); }
 };
 
-EvictionPlan half_plan() {
+/// 50% eviction: a seeded random half of each head's tokens (sorted), one-hot rows.
+CsrPlan half_plan() {
   const Shape& sh = shape();
-  EvictionPlan p;
+  CsrPlan p;
   std::mt19937_64 rng(11);
   std::vector<std::int64_t> all(static_cast<std::size_t>(sh.tokens));
   for (int h = 0; h < sh.kv_heads; ++h) {
@@ -272,22 +236,42 @@ EvictionPlan half_plan() {
     std::vector<std::int64_t> kept(all.begin(), all.begin() + sh.tokens / 2);
     std::sort(kept.begin(), kept.end());
     for (std::int64_t j : kept) {
-      p.token.push_back(j);
-      p.coef_k.push_back(1.0f);
-      p.coef_v.push_back(1.0f);
-      p.row_ptr.push_back(static_cast<std::int64_t>(p.token.size()));
+      p.add_entry(j, 1.0f, 1.0f);
+      p.end_row();
     }
-    p.offsets.push_back(static_cast<std::int64_t>(p.token.size()));
+    p.end_head();
   }
   return p;
 }
 
-template <class S>
+/// Neighbour merges to half the tokens: slot j = (token 2j, token 2j + 1) with
+/// seeded convex weights (the value merges of WeightedKV and KVMerger are such
+/// rows; the keys keep the first token, as WeightedKV does).
+CsrPlan pair_merge_plan() {
+  const Shape& sh = shape();
+  CsrPlan p;
+  std::mt19937_64 rng(13);
+  std::uniform_real_distribution<float> u(0.1f, 0.9f);
+  for (int h = 0; h < sh.kv_heads; ++h) {
+    for (std::int64_t j = 0; j + 1 < sh.tokens; j += 2) {
+      const float a = u(rng);
+      p.add_entry(j, 1.0f, a);
+      p.add_entry(j + 1, 0.0f, 1.0f - a);
+      p.end_row();
+    }
+    p.end_head();
+  }
+  return p;
+}
+
+/// apply_ragged_plan of `make_plan()`: every plan entry's K and V rows read
+/// once, K' and V' written once.
+template <class S, CsrPlan (*make_plan)()>
 void BM_apply_ragged_plan(benchmark::State& state) {
   const Threads th(static_cast<int>(state.range(0)));
   const Shape& sh = shape();
   const opt::LayerStorage& st = layer_storage(dtype_of<S>());
-  const EvictionPlan plan = half_plan();
+  const CsrPlan plan = make_plan();
   const opt::cpu::RaggedPlan rp = plan.view();
   const std::int64_t in_n = kv_elems(), out_n = plan.slots() * sh.head_dim;
   const int copies = rotations(2 * (in_n + out_n) * sizeof(S));
@@ -300,21 +284,26 @@ void BM_apply_ragged_plan(benchmark::State& state) {
     benchmark::DoNotOptimize(ko.data());
     c = (c + 1) % copies;
   });
-  const double rows = static_cast<double>(plan.slots() * sh.head_dim * sizeof(S));
+  const double row = static_cast<double>(sh.head_dim * sizeof(S));
+  const double read = 2.0 * row * static_cast<double>(plan.token.size());  // K and V rows of every entry
+  const double written = 2.0 * row * static_cast<double>(plan.slots());
   const double meta = static_cast<double>((plan.offsets.size() + plan.row_ptr.size() + plan.token.size()) * 8 +
                                           (plan.coef_k.size() + plan.coef_v.size()) * 4);
-  report(state, t, 2.0 * rows /* kept K, V rows read */ + 2.0 * rows /* K', V' written */ + meta, 0, true);
+  report(state, t, read + written + meta, 0, true);
   state.counters["slots"] = static_cast<double>(plan.slots());
 }
 
-/// One decode query per q head over a ragged cache of T/2 slots per kv head.
-template <class S>
+/// One decode query per q head over a ragged cache of T/2 slots per kv head;
+/// with LogBias, each logit gets the slot's log merge count (1 to 4 tokens).
+template <class S, bool LogBias>
 void BM_decode_attention(benchmark::State& state) {
   const Threads th(static_cast<int>(state.range(0)));
   const Shape& sh = shape();
   const opt::LayerStorage& st = layer_storage(dtype_of<S>());
-  const EvictionPlan plan = half_plan();
+  const CsrPlan plan = half_plan();
   const std::int64_t n = plan.slots() * sh.head_dim;
+  std::vector<float> bias(LogBias ? static_cast<std::size_t>(plan.slots()) : 0);
+  for (std::size_t j = 0; j < bias.size(); ++j) bias[j] = std::log(static_cast<float>(1 + j % 4));
   std::vector<S> k1(static_cast<std::size_t>(n)), v1(k1.size());
   opt::cpu::apply_ragged_plan(plan.view(), st.k.data<S>(), st.v.data<S>(), sh.tokens, sh.head_dim, k1.data(), v1.data());
   const int copies = rotations(2 * n * sizeof(S));
@@ -326,11 +315,12 @@ void BM_decode_attention(benchmark::State& state) {
   int c = 0;
   const double t = timed_loop(state, [&] {
     opt::cpu::decode_attention(q.data(), sh.q_heads, sh.kv_heads, sh.head_dim, plan.offsets.data(), k.data() + c * n,
-                               v.data() + c * n, nullptr, out.data());
+                               v.data() + c * n, LogBias ? bias.data() : nullptr, out.data());
     benchmark::DoNotOptimize(out.data());
     c = (c + 1) % copies;
   });
-  report(state, t, static_cast<double>(2 * n * sizeof(S) + (q.size() + out.size()) * 4 + plan.offsets.size() * 8),
+  report(state, t,
+         static_cast<double>(2 * n * sizeof(S) + (q.size() + out.size() + bias.size()) * 4 + plan.offsets.size() * 8),
          4.0 * sh.q_heads * static_cast<double>(plan.slots() / sh.kv_heads) * sh.head_dim, true);
   state.counters["slots_per_head"] = static_cast<double>(plan.slots() / sh.kv_heads);
 }
@@ -347,8 +337,15 @@ void register_typed(const std::vector<int>& threads, bool sweep_threads) {
   };
   add("key_norm_scores", BM_key_norm_scores<S>);
   add("adjacent_key_cosine", BM_adjacent_key_cosine<S>);
-  add("apply_ragged_plan_50pct", BM_apply_ragged_plan<S>);
-  add("decode_attention_ragged", BM_decode_attention<S>);
+  add("apply_ragged_plan_50pct", BM_apply_ragged_plan<S, half_plan>);
+  add("apply_ragged_plan_merge_pairs", BM_apply_ragged_plan<S, pair_merge_plan>);
+  add("decode_attention_ragged", BM_decode_attention<S, false>);
+  if (sweep_threads)  // the merging families' decode: one row, the log-count bias on
+    benchmark::RegisterBenchmark(("kernel/decode_attention_ragged_logbias/" + d).c_str(), BM_decode_attention<S, true>)
+        ->ArgName("threads")
+        ->Arg(threads.back())
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   {
     auto* b = benchmark::RegisterBenchmark(("kernel/window_scores/" + d).c_str(), BM_window_scores<S>);
     b->ArgNames({"window", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -42,6 +42,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("kvscope_synth_layer_s", fmt(b.synth_seconds));
 
   register_kernel_benchmarks();
+  register_merge_kernel_benchmarks();
   register_method_benchmarks();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

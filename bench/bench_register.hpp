@@ -5,6 +5,7 @@
 namespace kvscope::bench {
 
 void register_kernel_benchmarks();
+void register_merge_kernel_benchmarks();
 void register_method_benchmarks();
 
 }  // namespace kvscope::bench

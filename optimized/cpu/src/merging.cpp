@@ -11,41 +11,48 @@
 namespace kvscope::opt::cpu {
 namespace {
 
-/// max_c |a_c - b_c| (exact in any order).
-float max_abs_diff(const float* a, const float* b, int d) {
-  int c = 0;
-  float m = 0.0f;
-#if KVSCOPE_CPU_AVX2
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v = _mm256_setzero_ps();
-  for (; c + 8 <= d; c += 8)
-    v = _mm256_max_ps(v, _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c))));
-  m = detail::hmax(v);
-#endif
-  for (; c < d; ++c) m = std::max(m, std::abs(a[c] - b[c]));
-  return m;
-}
-
-/// sum_c ((a_c - b_c) f1 f2)^2: one eight-lane FMA chain and a fixed
+/// sum_c (x_c f1 f2)^2 of one row: one eight-lane FMA chain and a fixed
 /// horizontal sum under AVX2 (d % 8 == 0), else a sequential sum.
-float scaled_sq_dist(const float* a, const float* b, int d, float f1, float f2) {
+float scaled_sq_norm(const float* x, int d, float f1, float f2) {
 #if KVSCOPE_CPU_AVX2
   if (d % 8 == 0) {
     const __m256 g1 = _mm256_set1_ps(f1), g2 = _mm256_set1_ps(f2);
     __m256 acc = _mm256_setzero_ps();
     for (int c = 0; c < d; c += 8) {
-      const __m256 x = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c)), g1), g2);
-      acc = _mm256_fmadd_ps(x, x, acc);
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + c), g1), g2);
+      acc = _mm256_fmadd_ps(v, v, acc);
     }
     return detail::hsum(acc);
   }
 #endif
   float acc = 0.0f;
   for (int c = 0; c < d; ++c) {
-    const float x = (a[c] - b[c]) * f1 * f2;
-    acc += x * x;
+    const float v = x[c] * f1 * f2;
+    acc += v * v;
   }
   return acc;
+}
+
+/// out[i] = scaled_sq_norm(row i) for the m rows of x ([m, d]), four rows at
+/// a time under AVX2: four independent chains, each row's value unchanged.
+void scaled_sq_norms(const float* x, std::int64_t m, int d, float f1, float f2, float* out) {
+  std::int64_t i = 0;
+#if KVSCOPE_CPU_AVX2
+  if (d % 8 == 0) {
+    const __m256 g1 = _mm256_set1_ps(f1), g2 = _mm256_set1_ps(f2);
+    for (; i + 4 <= m; i += 4) {
+      const float* r = x + i * d;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int c = 0; c < d; c += 8)
+        for (int u = 0; u < 4; ++u) {
+          const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + u * d + c), g1), g2);
+          acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
+        }
+      for (int u = 0; u < 4; ++u) out[i + u] = detail::hsum(acc[u]);
+    }
+  }
+#endif
+  for (; i < m; ++i) out[i] = scaled_sq_norm(x + i * d, d, f1, f2);
 }
 
 }  // namespace
@@ -72,29 +79,32 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
   constexpr float kSqrt2 = 1.41421356237309515f;
 #pragma omp parallel
   {
-    std::vector<float> kp(static_cast<std::size_t>(d)), ki(static_cast<std::size_t>(d)), dist2;
-#pragma omp for schedule(dynamic, 16)
+    std::vector<float> kp(static_cast<std::size_t>(d)), diff, dist2;
+#pragma omp for schedule(static)
     for (std::int64_t s = 0; s < runs; ++s) {
       const std::int64_t b = begin[s], e = begin[s + 1], m = e - b;
       if (m == 1) {
         w[b] = 1.0f;
         continue;
       }
+      // The run's differences k_p - k_i, each key row converted once.
       load_row(k_head + pivot[s] * d, d, kp.data());
+      diff.resize(static_cast<std::size_t>(m * d));
+      for (std::int64_t i = 0; i < m; ++i) {
+        const S* ki = k_head + (b + i) * d;
+        prefetch(reinterpret_cast<const char*>(ki) + kPrefetchAhead, d * sizeof(S));
+        float* di = &diff[static_cast<std::size_t>(i * d)];
+        load_row(ki, d, di);
+#pragma omp simd
+        for (int c = 0; c < d; ++c) di[c] = kp[static_cast<std::size_t>(c)] - di[c];
+      }
       // Scale exponent of the largest difference: |k_p - k_i|^2 of tiny keys
       // would underflow in fp32 (the reference's double does not).
-      float max_abs = 0.0f;
-      for (std::int64_t i = b; i < e; ++i) {
-        load_row(k_head + i * d, d, ki.data());
-        max_abs = std::max(max_abs, max_abs_diff(kp.data(), ki.data(), d));
-      }
-      const int ex = math::scale_exponent(max_abs), h1 = -ex / 2, h2 = -ex - h1;
+      const int ex = math::scale_exponent(detail::max_abs(diff.data(), static_cast<int>(m * d))), h1 = -ex / 2,
+                h2 = -ex - h1;
       const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);  // 2^-ex in two exact steps
-      dist2.assign(static_cast<std::size_t>(m), 0.0f);
-      for (std::int64_t i = b; i < e; ++i) {
-        load_row(k_head + i * d, d, ki.data());
-        dist2[static_cast<std::size_t>(i - b)] = scaled_sq_dist(kp.data(), ki.data(), d, f1, f2);  // |k_p - k_i|^2 * 4^-ex
-      }
+      dist2.resize(static_cast<std::size_t>(m));
+      scaled_sq_norms(diff.data(), m, d, f1, f2, dist2.data());  // |k_p - k_i|^2 * 4^-ex
       const float sqrt2m = kSqrt2 * static_cast<float>(m);
       float sig = 0.0f;  // in the scaled units
       switch (mode) {

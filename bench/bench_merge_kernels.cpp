@@ -1,0 +1,228 @@
+// The merge families' kernels (optimized/cpu merging.hpp, evict_merge.hpp) on
+// the benchmark layer: KVMerger's merge-set segmentation and Gaussian weights,
+// one block of WeightedKV's streaming attention, and EMS's centre assignment.
+// Their weighted sums are apply_ragged_plan rows (bench_kernels.cpp,
+// apply_ragged_plan_merge_pairs). Inputs come from the layer's own keys where
+// the kernel's cost depends on them (the merge runs follow its adjacent-key
+// cosines).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "bench_kernel_util.hpp"
+#include "bench_register.hpp"
+#include "kvscope/opt/cpu/evict_merge.hpp"
+#include "kvscope/opt/cpu/merging.hpp"
+#include "kvscope/opt/cpu/select.hpp"
+
+namespace kvscope::bench {
+namespace {
+
+/// Share of adjacent-key edges that merge: a run is 4 tokens on average.
+constexpr double kMergedEdges = 0.75;
+
+/// KVMerger-like merge runs of every kv head: edge j merges when the layer's
+/// cosine of keys j, j + 1 is in the top kMergedEdges of the head's cosines;
+/// the pivots follow seeded scores.
+struct MergeRuns {
+  std::vector<char> merge;                          // [kv_heads, T - 1]
+  std::vector<float> score;                         // [kv_heads, T]
+  std::vector<std::vector<std::int64_t>> begin, pivot;  // per head, from merge_runs
+};
+
+const MergeRuns& merge_runs_of_layer() {
+  static const MergeRuns r = [] {
+    const Shape& sh = shape();
+    const LayerShape s = layer_shape();
+    const opt::LayerStorage& st = layer_storage(DType::kF16);
+    const std::int64_t T = sh.tokens, edges = T - 1;
+    std::vector<float> cos(static_cast<std::size_t>(sh.kv_heads * edges));
+    opt::cpu::adjacent_key_cosine(s, st.k.data<f16>(), cos.data());
+    MergeRuns m;
+    m.merge.resize(cos.size());
+    m.score = random_scores(sh.kv_heads * T, 17);
+    m.begin.resize(static_cast<std::size_t>(sh.kv_heads));
+    m.pivot.resize(m.begin.size());
+    for (int h = 0; h < sh.kv_heads; ++h) {
+      const float* c = cos.data() + h * edges;
+      std::vector<float> sorted(c, c + edges);
+      const auto cut = static_cast<std::int64_t>(static_cast<double>(edges) * (1.0 - kMergedEdges));
+      std::nth_element(sorted.begin(), sorted.begin() + cut, sorted.end());
+      const float threshold = sorted[static_cast<std::size_t>(cut)];
+      for (std::int64_t j = 0; j < edges; ++j) m.merge[static_cast<std::size_t>(h * edges + j)] = c[j] >= threshold;
+      opt::cpu::merge_runs(T, m.merge.data() + h * edges, m.score.data() + h * T, m.begin[static_cast<std::size_t>(h)],
+                           m.pivot[static_cast<std::size_t>(h)]);
+    }
+    return m;
+  }();
+  return r;
+}
+
+/// merge_runs of every kv head (serial: the caller runs heads on threads).
+void BM_merge_runs(benchmark::State& state) {
+  const Shape& sh = shape();
+  const MergeRuns& m = merge_runs_of_layer();
+  const std::int64_t T = sh.tokens;
+  std::vector<std::int64_t> begin, pivot;
+  std::size_t runs = 0;
+  const double t = timed_loop(state, [&] {
+    runs = 0;
+    for (int h = 0; h < sh.kv_heads; ++h) {
+      opt::cpu::merge_runs(T, m.merge.data() + h * (T - 1), m.score.data() + h * T, begin, pivot);
+      runs += pivot.size();
+      benchmark::DoNotOptimize(pivot.data());
+    }
+  });
+  // flags and scores in; run starts and pivots out
+  report(state, t, static_cast<double>(m.merge.size() + m.score.size() * 4 + 16 * runs), 0, false);
+  state.counters["threads"] = 1;
+  state.counters["runs_per_head"] = static_cast<double>(runs) / sh.kv_heads;
+}
+
+/// KVMerger Eq. 4 weights of every run of every kv head (mean-distance sigma):
+/// each head's keys read once.
+template <class S>
+void BM_gaussian_merge_weights(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const Shape& sh = shape();
+  const MergeRuns& m = merge_runs_of_layer();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  const std::int64_t T = sh.tokens, head = T * sh.head_dim;
+  const int copies = rotations(kv_elems() * sizeof(S));
+  const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
+  std::vector<float> w(static_cast<std::size_t>(sh.kv_heads * T));
+  int c = 0;
+  const double t = timed_loop(state, [&] {
+    for (int h = 0; h < sh.kv_heads; ++h) {
+      const auto& b = m.begin[static_cast<std::size_t>(h)];
+      const auto& p = m.pivot[static_cast<std::size_t>(h)];
+      opt::cpu::gaussian_merge_weights(k.data() + c * kv_elems() + h * head, T, sh.head_dim, b.data(), p.data(),
+                                       static_cast<std::int64_t>(p.size()), opt::cpu::SigmaMode::kMeanDistance, 0.0f,
+                                       w.data() + h * T);
+    }
+    benchmark::DoNotOptimize(w.data());
+    c = (c + 1) % copies;
+  });
+  // K in, one weight per token out; a squared distance per token (3 flops per element)
+  report(state, t, static_cast<double>(kv_elems() * sizeof(S) + w.size() * 4), 3.0 * static_cast<double>(kv_elems()),
+         true);
+}
+
+/// One block of WeightedKV's streaming prefill at a full cache: 64 prompt
+/// queries of every q head against the B = T/2 cached keys plus the block's
+/// own (group_block_logits, one GEMM per kv head), then each query's softmax
+/// over its B slots reduced over the group (group_slot_softmax). kv heads on
+/// the threads, as the backend runs them. The prefill runs T/64 such blocks.
+template <class S>
+void BM_weightedkv_block(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const Shape& sh = shape();
+  const LayerShape s = layer_shape();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  constexpr std::int64_t kBlock = 64;
+  const std::int64_t B = sh.tokens / 2, t0 = sh.tokens - kBlock, n_keys = B + kBlock, d = sh.head_dim;
+  const int G = s.group();
+  // Per kv head: the keys of a cache that kept a seeded half of [0, t0), then the block's tokens.
+  std::vector<std::vector<float>> keys(static_cast<std::size_t>(sh.kv_heads));
+  std::vector<std::int64_t> cols(static_cast<std::size_t>(B));
+  std::iota(cols.begin(), cols.end(), 0);
+  {
+    std::vector<std::int64_t> order(static_cast<std::size_t>(t0));
+    std::mt19937_64 rng(19);
+    for (int h = 0; h < sh.kv_heads; ++h) {
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      std::vector<std::int64_t> kept(order.begin(), order.begin() + B);
+      std::sort(kept.begin(), kept.end());
+      for (std::int64_t j = t0; j < sh.tokens; ++j) kept.push_back(j);
+      auto& kh = keys[static_cast<std::size_t>(h)];
+      kh.resize(static_cast<std::size_t>(n_keys * d));
+      for (std::int64_t c = 0; c < n_keys; ++c)
+        for (std::int64_t i = 0; i < d; ++i)
+          kh[static_cast<std::size_t>(c * d + i)] =
+              st.k.get((static_cast<std::int64_t>(h) * sh.tokens + kept[static_cast<std::size_t>(c)]) * d + i);
+    }
+  }
+  const double t = timed_loop(state, [&] {
+#pragma omp parallel
+    {
+      std::vector<float> logits(static_cast<std::size_t>(G * kBlock * n_keys)), scratch(static_cast<std::size_t>(B)),
+          probs(scratch.size());
+#pragma omp for schedule(static)
+      for (int g = 0; g < sh.kv_heads; ++g) {
+        opt::cpu::group_block_logits(s, st.q.data<S>(), keys[static_cast<std::size_t>(g)].data(), n_keys, g, t0, kBlock,
+                                     logits.data());
+        for (std::int64_t u = 0; u < kBlock; ++u) {  // query t0 + u over the B slots it sees
+          opt::cpu::group_slot_softmax(logits.data() + u * n_keys, kBlock * n_keys, G, cols.data(), B,
+                                       opt::cpu::Reduce::kSum, scratch.data(), probs.data());
+          benchmark::DoNotOptimize(probs.data());
+        }
+      }
+    }
+  });
+  const double flops = 2.0 * s.q_heads * static_cast<double>(kBlock) * static_cast<double>(n_keys) * static_cast<double>(d);
+  report(state, t, static_cast<double>(s.q_heads * kBlock * d * sizeof(S) + sh.kv_heads * n_keys * d * 4), flops,
+         false);
+  state.counters["queries"] = kBlock;
+  state.counters["cache_slots"] = static_cast<double>(B);
+}
+
+/// EMS's centre assignment of one kv head at a budget of T/2: the T/2 odd
+/// tokens are the rest, the even tokens but a 32-token window the centres
+/// (every 16th full), similarity cos k * cos v: two GEMMs of rest x centres x d.
+template <class S>
+void BM_centre_assignment(benchmark::State& state) {
+  const Threads th(static_cast<int>(state.range(0)));
+  const Shape& sh = shape();
+  const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+  const std::int64_t T = sh.tokens, window = 32;
+  std::vector<std::int64_t> rest, centres;
+  for (std::int64_t j = 0; j < T; ++j) (j % 2 ? rest : centres).push_back(j);
+  centres.resize(centres.size() - static_cast<std::size_t>(window / 2));
+  std::vector<char> can_take(centres.size());
+  for (std::size_t c = 0; c < can_take.size(); ++c) can_take[c] = c % 16 != 15;
+  const auto R = static_cast<std::int64_t>(rest.size()), C = static_cast<std::int64_t>(centres.size());
+  std::vector<float> best(rest.size()), second(rest.size()), any(rest.size());
+  std::vector<std::int64_t> centre(rest.size());
+  const double t = timed_loop(state, [&] {
+    opt::cpu::centre_assignment(st.k.data<S>(), st.v.data<S>(), sh.head_dim, rest.data(), R, centres.data(), C,
+                                can_take.data(), false, 0.0f, best.data(), second.data(), centre.data(), any.data());
+    benchmark::DoNotOptimize(centre.data());
+  });
+  const double rows = static_cast<double>((R + C) * 2 * sh.head_dim * sizeof(S));
+  report(state, t, rows + static_cast<double>(R * (3 * 4 + 8)),
+         2.0 * 2.0 * static_cast<double>(R) * static_cast<double>(C) * sh.head_dim, false);
+  state.counters["rest"] = static_cast<double>(R);
+  state.counters["centres"] = static_cast<double>(C);
+}
+
+}  // namespace
+
+void register_merge_kernel_benchmarks() {
+  const int max_threads = omp_get_max_threads();
+  std::vector<int> threads{1};
+  if (max_threads > 1) threads.push_back(max_threads);
+  benchmark::RegisterBenchmark("kernel/merge_runs/f32", BM_merge_runs)->UseRealTime()->Unit(benchmark::kMillisecond);
+  auto* gw = benchmark::RegisterBenchmark("kernel/gaussian_merge_weights/f16", BM_gaussian_merge_weights<f16>);
+  gw->ArgName("threads")->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (int t : threads) gw->Arg(t);
+  benchmark::RegisterBenchmark("kernel/gaussian_merge_weights/bf16", BM_gaussian_merge_weights<bf16>)
+      ->ArgName("threads")
+      ->Arg(threads.back())
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("kernel/weightedkv_block_attention/f16", BM_weightedkv_block<f16>)
+      ->ArgName("threads")
+      ->Arg(threads.back())
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("kernel/centre_assignment_one_head/f16", BM_centre_assignment<f16>)
+      ->ArgName("threads")
+      ->Arg(threads.back())
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace kvscope::bench
