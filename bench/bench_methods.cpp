@@ -4,6 +4,7 @@
 // whole 32-layer trace costs 32x the per-layer time (counter x32_ms).
 #include <omp.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <string>
@@ -12,6 +13,12 @@
 #include "bench_register.hpp"
 #include "kvscope/core/method_spec.hpp"
 #include "kvscope/opt/backend.hpp"
+#include "kvscope/reference/methods/adakv.hpp"
+#include "kvscope/reference/methods/cam.hpp"
+#include "kvscope/reference/methods/dynamickv.hpp"
+#include "kvscope/reference/methods/ems.hpp"
+#include "kvscope/reference/methods/snapkv.hpp"
+#include "kvscope/reference/methods/weightedkv.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/layer_input.hpp"
 
@@ -102,6 +109,61 @@ double kept_fraction(const ref::LayerPlans& p) {
   return slots / (static_cast<double>(p.plans.size()) * static_cast<double>(shape().tokens));
 }
 
+/// The least work of a family's prefill of the bench layer on the backend
+/// (fp16 storage, recorded attn_colsum): the bytes its kernels must move and
+/// the flops they must do, from the family's resolved parameters. exps,
+/// selection and decision code are not counted, so the floor below is
+/// optimistic. A model of the algorithm, not of our code: it stays put when
+/// a kernel changes (docs/performance.md, "Floor").
+struct Work {
+  double bytes = 0, flops = 0;
+};
+
+Work least_work(const MethodSpec& spec) {
+  const Shape& s = shape();
+  const ref::ResolvedSpec r = ref::resolve_spec(spec);
+  const double T = static_cast<double>(s.tokens), B = static_cast<double>(budget()), d = s.head_dim;
+  const double hq = s.q_heads, hkv = s.kv_heads, h16 = 2.0;  // bytes per fp16 element
+  const double K = hkv * T * d * h16, scores = hkv * T * 4;
+  // Window scores: w queries per q head against every key (q.k once per pair).
+  const auto window = [&](double w) { return Work{K + hq * w * d * h16 + hq * T * 4, 2.0 * hq * w * T * d}; };
+  // Streaming attention: prompt query t over the min(t + 1, B) slots it sees.
+  const Work streamed{K + hq * T * d * h16, 2.0 * hq * d * (B * (B + 1) / 2 + (T - B) * B)};
+  const std::string& f = spec.family;
+  if (f == "knorm") return {K + scores, 2.0 * hkv * T * d};
+  if (f == "h2o") return {hq * T * 4, 0};  // the recorded column sums
+  if (f == "tova") return window(1);
+  if (f == "snapkv" || f == "pyramidkv")
+    return window(static_cast<double>(ref::snapkv_config(r.params, f).window));
+  if (f == "adakv") {
+    const MethodSpec base = ref::adakv_base(r.params);
+    return window(static_cast<double>(ref::snapkv_config(ref::resolve_spec(base).params, base.family).window));
+  }
+  if (f == "kvmerger") return {K + scores, 9.0 * hkv * T * d};  // adjacent cosines and Gaussian distances, K read once
+  if (f == "weightedkv" && ref::weightedkv_config(r.params).streaming_prefill) return streamed;
+  if (f == "cam" && ref::cam_config(r.params).prefill == ref::CamPrefill::kSimulate) return streamed;
+  if (f == "ems") {  // s_Loc over the observation window, then rest x centres similarities of keys and values
+    const ref::EmsConfig c = ref::ems_config(r.params);
+    const double rest = T - B, centres = B - static_cast<double>(std::min<std::int64_t>(c.window, budget()));
+    Work w = window(static_cast<double>(c.obs_window));
+    w.bytes += K + hq * T * 4;  // V (K is counted once, above) and the recorded column sums
+    w.flops += hkv * 2.0 * 2.0 * rest * centres * d;
+    return w;
+  }
+  if (f == "dynamickv") {  // the first pass scores every layer's window
+    const double w = static_cast<double>(ref::dynamickv_config(r.params).effective_window(s.tokens));
+    const Work one = window(w);
+    return {one.bytes * s.layers, one.flops * s.layers};
+  }
+  return {};  // position arithmetic only (full, streaming_llm): no kernel
+}
+
+/// Seconds the least work takes at the limits measured in this process (0: no kernel).
+double floor_seconds(const Work& w) {
+  const Limits& l = limits();
+  return std::max(w.bytes / l.copy_Bps, w.flops / l.peak_flops);
+}
+
 void BM_reference_prefill(benchmark::State& state, const std::string& family) {
   const std::unique_ptr<ref::Method> m = ref::make_method(MethodSpec::parse(family));
   ref::LayerInput& in = reference_input();
@@ -141,6 +203,15 @@ void BM_cpu_prefill(benchmark::State& state, const std::string& family) {
   state.counters["speedup"] = ref_s / s;
   state.counters["speedup_incl_conv"] = (ref_s + conv) / s;
   state.counters["x32_ms"] = 32 * s * 1e3;
+  // How far the target is from the machine: the floor of the least work, the
+  // speed-up a backend at that floor would reach, and the share of the floor
+  // this backend reaches.
+  const double floor_s = floor_seconds(least_work(spec));
+  if (floor_s > 0) {
+    state.counters["floor_ms"] = floor_s * 1e3;
+    state.counters["max_speedup"] = ref_s / floor_s;
+    state.counters["floor_frac"] = floor_s / s;
+  }
   if (family == "h2o")  // what the prefill would cost on a trace without attn_colsum
     state.counters["colsum_recompute_ms"] = method_layer().colsum_seconds * 1e3;
 }

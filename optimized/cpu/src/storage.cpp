@@ -21,8 +21,15 @@ void load_row(const f16* src, std::int64_t n, float* dst) {
 }
 
 void load_row(const bf16* src, std::int64_t n, float* dst) {
-  // bf16 is the top half of an fp32: widen the bits (vectorises to shifts).
-  for (std::int64_t i = 0; i < n; ++i) {
+  // bf16 is the top half of an fp32: widen the bits.
+  std::int64_t i = 0;
+#if defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(w, 16));
+  }
+#endif
+  for (; i < n; ++i) {
     std::uint16_t b;
     std::memcpy(&b, src + i, sizeof b);
     const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
@@ -50,8 +57,26 @@ void store_row(const float* src, std::int64_t n, f16* dst) {
 }
 
 void store_row(const float* src, std::int64_t n, bf16* dst) {
-  // Round to nearest even on the bits (Eigen's rule), in a loop the compiler vectorises.
-  for (std::int64_t i = 0; i < n; ++i) {
+  // Round to nearest even on the bits (Eigen's rule); a NaN becomes a quiet
+  // NaN with its sign. Eight at a time under AVX2 (GCC's own vectorisation of
+  // the scalar loop below ran at half the speed of the fp16 path).
+  std::int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000),
+                half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), sign = _mm256_set1_epi32(0x8000),
+                quiet = _mm256_set1_epi32(0x7fc0);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m256i hi = _mm256_srli_epi32(u, 16);
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(hi, one)), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);  // both sides < 2^31: signed compare is exact
+    const __m256i q = _mm256_or_si256(_mm256_and_si256(hi, sign), quiet);
+    const __m256i r = _mm256_blendv_epi8(rounded, q, nan);  // eight values < 2^16
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+#endif
+  for (; i < n; ++i) {
     std::uint32_t u;
     std::memcpy(&u, src + i, sizeof u);
     const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
