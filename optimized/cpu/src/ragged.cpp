@@ -296,8 +296,8 @@ void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, con
     const int n = static_cast<int>(std::min<std::int64_t>(kBlock, c.last - j0));
     // The next block's rows are on their way while this one computes.
     const std::size_t block_bytes = static_cast<std::size_t>(kBlock) * d * sizeof(S);
-    prefetch(k + (j0 + kBlock) * d, block_bytes);
-    prefetch(v + (j0 + kBlock) * d, block_bytes);
+    prefetch_block(k + (j0 + kBlock) * d, block_bytes);
+    prefetch_block(v + (j0 + kBlock) * d, block_bytes);
     block_logits(qs, G, rows_f32(k, j0, n, d, kbuf.data()), n, d, x.data());
     for (int h = 0; h < G; ++h) {
       float* xh = x.data() + h * kBlock;

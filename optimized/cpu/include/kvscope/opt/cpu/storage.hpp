@@ -63,6 +63,13 @@ inline void prefetch(const void* p, std::size_t bytes) {
   for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
 }
 
+/// prefetch() with the low-locality hint (prefetcht2). For a whole block
+/// hinted at once (decode's next 32 K and V rows): with the default hint that
+/// burst of 256 lines was 6-10% slower (docs/performance.md, run 6).
+inline void prefetch_block(const void* p, std::size_t bytes) {
+  for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 1);
+}
+
 /// Copies `bytes` from src to dst with non-temporal (streaming) stores when dst
 /// is 16-byte aligned and `bytes` a multiple of 16, else by memcpy. For
 /// outputs written once and not read back soon (the compressed cache): a
