@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "qk_blocks.hpp"
 #include "simd.hpp"
@@ -99,9 +100,13 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
         for (int c = 0; c < d; ++c) di[c] = kp[static_cast<std::size_t>(c)] - di[c];
       }
       // Scale exponent of the largest difference: |k_p - k_i|^2 of tiny keys
-      // would underflow in fp32 (the reference's double does not).
-      const int ex = math::scale_exponent(detail::max_abs(diff.data(), static_cast<int>(m * d))), h1 = -ex / 2,
-                h2 = -ex - h1;
+      // would underflow in fp32 (the reference's double does not). fp16
+      // needs none: its differences are 0 or >= 2^-24, their squares and sums
+      // stay normal, and a power-of-two scale commutes with every rounding, so
+      // the weights are the same bits without it.
+      const int ex =
+          std::is_same_v<S, f16> ? 0 : math::scale_exponent(detail::max_abs(diff.data(), static_cast<int>(m * d)));
+      const int h1 = -ex / 2, h2 = -ex - h1;
       const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);  // 2^-ex in two exact steps
       dist2.resize(static_cast<std::size_t>(m));
       scaled_sq_norms(diff.data(), m, d, f1, f2, dist2.data());  // |k_p - k_i|^2 * 4^-ex

@@ -4,6 +4,7 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <type_traits>
 
 #include "instantiate.hpp"
 #include "simd.hpp"
@@ -157,6 +158,10 @@ float squared_norm(const float* a, int d) {
 template <class S>
 void load_scaled(const S* src, int d, float* row) {
   load_row(src, d, row);
+  // fp16 needs no scaling: its squares and products (>= 2^-48 unless 0, sums
+  // <= 2^39) stay normal in fp32, where a power-of-two scale commutes with
+  // every rounding. The cosine is then the same bits with or without it.
+  if constexpr (std::is_same_v<S, f16>) return;
   const int e = math::scale_exponent(detail::max_abs(row, d));
   if (e != 0) {
     const int h1 = -e / 2;
