@@ -174,20 +174,23 @@ void block_logits(const float* qs, int G, const float* keys, int n, int d, float
       const float* kb = ka + d;
       for (int h = 0; h < G; h += 4) {
         const float* q = qs + static_cast<std::ptrdiff_t>(h) * d;
-        __m256 a[4], b[4];
-        for (int u = 0; u < 4; ++u) a[u] = b[u] = _mm256_setzero_ps();
+        __m256 acc[8];  // head u: key a in acc[2u], key b in acc[2u + 1]
+        for (__m256& v : acc) v = _mm256_setzero_ps();
         for (int c = 0; c < d; c += 8) {
           const __m256 x = _mm256_loadu_ps(ka + c), y = _mm256_loadu_ps(kb + c);
           for (int u = 0; u < 4; ++u) {
             const __m256 qu = _mm256_loadu_ps(q + u * d + c);
-            a[u] = _mm256_fmadd_ps(qu, x, a[u]);
-            b[u] = _mm256_fmadd_ps(qu, y, b[u]);
+            acc[2 * u] = _mm256_fmadd_ps(qu, x, acc[2 * u]);
+            acc[2 * u + 1] = _mm256_fmadd_ps(qu, y, acc[2 * u + 1]);
           }
         }
-        for (int u = 0; u < 4; ++u) {
-          out[(h + u) * kBlock + j] = detail::hsum(a[u]);
-          out[(h + u) * kBlock + j + 1] = detail::hsum(b[u]);
-        }
+        // The eight logits (each hsum's value), stored as the four heads' (j, j + 1) pairs.
+        const __m256 l = detail::hsum8(acc);
+        const __m128 lo = _mm256_castps256_ps128(l), hi = _mm256_extractf128_ps(l, 1);
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + h * kBlock + j), lo);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(out + (h + 1) * kBlock + j), lo);
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + (h + 2) * kBlock + j), hi);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(out + (h + 3) * kBlock + j), hi);
       }
     }
   }
