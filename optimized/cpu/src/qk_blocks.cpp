@@ -42,8 +42,6 @@ void exp_inplace(float* x, std::int64_t n) {
 #endif
 }
 
-namespace {
-
 /// max / sum with eight accumulators in a fixed order (vectorisable as
 /// written; no reassociation is needed or allowed).
 float max_of(const float* x, std::int64_t n) {
@@ -57,6 +55,8 @@ float max_of(const float* x, std::int64_t n) {
 }
 
 #if !defined(__AVX2__)
+namespace {
+
 float sum_of(const float* x, std::int64_t n) {
   float s[kLanes] = {};
   std::int64_t i = 0;
@@ -65,36 +65,38 @@ float sum_of(const float* x, std::int64_t n) {
   for (; i < n; ++i) s[0] += x[i];
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
+}  // namespace
 #endif
 
-}  // namespace
-
-float softmax_unnormalised(float* x, std::int64_t len) {
-  if (len <= 0) return 0.0f;
-  const float m = max_of(x, len);
+float exp_shifted_sum(float* x, std::int64_t n, float m) {
+  if (n <= 0) return 0.0f;
 #if defined(__AVX2__)
   // x - m, exp and the eight lane sums in one pass: the same values and the
   // same sum order as the three passes (subtract, exp_inplace, sum_of).
   const __m256 vm = _mm256_set1_ps(m);
   __m256 lanes = _mm256_setzero_ps();
   std::int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
+  for (; i + kLanes <= n; i += kLanes) {
     const __m256 e = _ZGVdN8v_expf(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
     _mm256_storeu_ps(x + i, e);
     lanes = _mm256_add_ps(lanes, e);
   }
   float s[kLanes];
   _mm256_storeu_ps(s, lanes);
-  for (std::int64_t t = i; t < len; ++t) x[t] -= m;
-  exp_inplace(x + i, len - i);
-  for (; i < len; ++i) s[0] += x[i];
-  const float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (std::int64_t t = i; t < n; ++t) x[t] -= m;
+  exp_inplace(x + i, n - i);
+  for (; i < n; ++i) s[0] += x[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 #else
-  for (std::int64_t i = 0; i < len; ++i) x[i] -= m;
-  exp_inplace(x, len);
-  const float sum = sum_of(x, len);
+  for (std::int64_t i = 0; i < n; ++i) x[i] -= m;
+  exp_inplace(x, n);
+  return sum_of(x, n);
 #endif
-  return 1.0f / sum;
+}
+
+float softmax_unnormalised(float* x, std::int64_t len) {
+  if (len <= 0) return 0.0f;
+  return 1.0f / exp_shifted_sum(x, len, max_of(x, len));
 }
 
 void softmax_inplace(float* x, std::int64_t len) {

@@ -34,6 +34,13 @@ void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, in
 /// through glibc's vector expf, so each result depends on its input only.
 void exp_inplace(float* x, std::int64_t n);
 
+/// max of x[0..n) (-inf for n <= 0) with eight fixed accumulators.
+float max_of(const float* x, std::int64_t n);
+
+/// In place: x <- exp(x - m) over n entries; returns their sum, eight lanes
+/// summed in a fixed order (0 for n <= 0).
+float exp_shifted_sum(float* x, std::int64_t n, float m);
+
 /// In place: x <- exp(x - max x) over len entries; returns 1 / their sum (0
 /// for len <= 0), so softmax(x) = x * the result. Lets a consumer fold the
 /// normalisation into its own pass over the row instead of a pass of its own.

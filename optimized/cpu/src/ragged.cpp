@@ -201,21 +201,11 @@ void block_logits(const float* qs, int G, const float* keys, int n, int d, float
 }
 
 /// Folds a block of n logits x (bias added) into p: logits become weights
-/// exp(x - max), the accumulator is rescaled once if the max moved. The
-/// block's max and weight sum run eight lanes wide (a scalar chain of n
-/// dependent maxes and adds was a third of a key's decode time); the lanes
-/// are summed in a fixed order, so the result depends on the values only.
+/// exp(x - max), the accumulator is rescaled once if the max moved. The max
+/// and the exp-and-sum pass are the softmax's (eight lanes wide; a scalar
+/// chain of n dependent maxes and adds was a third of a key's decode time).
 void fold_block(Partial& p, float* x, int n, int d) {
-  float mb = p.m;
-  int j = 0;
-#if KVSCOPE_CPU_AVX2
-  if (n >= 8) {
-    __m256 vm = _mm256_loadu_ps(x);
-    for (j = 8; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
-    mb = std::max(mb, detail::hmax(vm));
-  }
-#endif
-  for (; j < n; ++j) mb = std::max(mb, x[j]);
+  const float mb = std::max(p.m, detail::max_of(x, n));
   if (mb > p.m) {
     const float rescale = p.m == -INFINITY ? 0.0f : std::exp(p.m - mb);
     p.l *= rescale;
@@ -223,19 +213,7 @@ void fold_block(Partial& p, float* x, int n, int d) {
     for (int i = 0; i < d; ++i) p.acc[i] *= rescale;
     p.m = mb;
   }
-  for (int i = 0; i < n; ++i) x[i] -= p.m;
-  detail::exp_inplace(x, n);
-  float sum = 0.0f;
-  j = 0;
-#if KVSCOPE_CPU_AVX2
-  if (n >= 8) {
-    __m256 vs = _mm256_loadu_ps(x);
-    for (j = 8; j + 8 <= n; j += 8) vs = _mm256_add_ps(vs, _mm256_loadu_ps(x + j));
-    sum = detail::hsum(vs);
-  }
-#endif
-  for (; j < n; ++j) sum += x[j];
-  p.l += sum;
+  p.l += detail::exp_shifted_sum(x, n, p.m);
 }
 
 /// acc += sum_j w[j] * rows[j] over n rows of d, j in order for every element.
