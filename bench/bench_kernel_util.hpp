@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -53,6 +54,22 @@ inline LayerShape layer_shape() {
 /// Elements of one layer's K (or V): kv_heads * T * d.
 inline std::int64_t kv_elems() {
   return static_cast<std::int64_t>(shape().kv_heads) * shape().tokens * shape().head_dim;
+}
+
+/// The thread counts a kernel is timed at: 1 and all of OpenMP's (just 1 on one core).
+inline std::vector<int> thread_counts() {
+  std::vector<int> t{1};
+  if (omp_get_max_threads() > 1) t.push_back(omp_get_max_threads());
+  return t;
+}
+
+/// A kernel benchmark run once per entry of `threads` (argument `threads`), in real-time ms.
+inline benchmark::internal::Benchmark* register_threaded(const std::string& name, void (*fn)(benchmark::State&),
+                                                         const std::vector<int>& threads) {
+  auto* b = benchmark::RegisterBenchmark(name.c_str(), fn);
+  b->ArgName("threads")->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (int t : threads) b->Arg(t);
+  return b;
 }
 
 /// n seeded uniform scores in [0, 1) (no ties in practice).

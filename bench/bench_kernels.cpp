@@ -329,11 +329,8 @@ template <class S>
 void register_typed(const std::vector<int>& threads, bool sweep_threads) {
   const std::string d = dtype_name<S>();
   const std::vector<int> ts = sweep_threads ? threads : std::vector<int>{threads.back()};
-  auto add = [&](const std::string& name, void (*fn)(benchmark::State&)) {
-    auto* b = benchmark::RegisterBenchmark(("kernel/" + name + "/" + d).c_str(), fn);
-    b->ArgName("threads")->UseRealTime()->Unit(benchmark::kMillisecond);
-    for (int t : ts) b->Arg(t);
-    return b;
+  const auto add = [&](const std::string& name, void (*fn)(benchmark::State&)) {
+    return register_threaded("kernel/" + name + "/" + d, fn, ts);
   };
   add("key_norm_scores", BM_key_norm_scores<S>);
   add("adjacent_key_cosine", BM_adjacent_key_cosine<S>);
@@ -341,11 +338,7 @@ void register_typed(const std::vector<int>& threads, bool sweep_threads) {
   add("apply_ragged_plan_merge_pairs", BM_apply_ragged_plan<S, pair_merge_plan>);
   add("decode_attention_ragged", BM_decode_attention<S, false>);
   if (sweep_threads)  // the merging families' decode: one row, the log-count bias on
-    benchmark::RegisterBenchmark(("kernel/decode_attention_ragged_logbias/" + d).c_str(), BM_decode_attention<S, true>)
-        ->ArgName("threads")
-        ->Arg(threads.back())
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
+    register_threaded("kernel/decode_attention_ragged_logbias/" + d, BM_decode_attention<S, true>, {threads.back()});
   {
     auto* b = benchmark::RegisterBenchmark(("kernel/window_scores/" + d).c_str(), BM_window_scores<S>);
     b->ArgNames({"window", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
@@ -356,21 +349,14 @@ void register_typed(const std::vector<int>& threads, bool sweep_threads) {
     }
   }
   if (sweep_threads)
-    benchmark::RegisterBenchmark(("kernel/accumulated_attention_quarterT/" + d).c_str(), BM_accumulated_attention<S>)
-        ->ArgName("threads")
-        ->Arg(threads.back())
-        ->Iterations(2)
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
+    register_threaded("kernel/accumulated_attention_quarterT/" + d, BM_accumulated_attention<S>, {threads.back()})
+        ->Iterations(2);
 }
 
 }  // namespace
 
 void register_kernel_benchmarks() {
-  const int max_threads = omp_get_max_threads();
-  std::vector<int> threads{1};
-  if (max_threads > 1) threads.push_back(max_threads);
-
+  const std::vector<int> threads = thread_counts();
   benchmark::RegisterBenchmark("bandwidth/memcpy_256MiB", BM_memcpy)->UseRealTime()->Unit(benchmark::kMillisecond);
   auto* copy = benchmark::RegisterBenchmark("bandwidth/omp_copy_256MiB", BM_omp_copy)->ArgName("threads");
   auto* read = benchmark::RegisterBenchmark("bandwidth/omp_read_256MiB", BM_omp_read)->ArgName("threads");

@@ -201,28 +201,12 @@ void BM_centre_assignment(benchmark::State& state) {
 }  // namespace
 
 void register_merge_kernel_benchmarks() {
-  const int max_threads = omp_get_max_threads();
-  std::vector<int> threads{1};
-  if (max_threads > 1) threads.push_back(max_threads);
+  const std::vector<int> threads = thread_counts(), all{threads.back()};
   benchmark::RegisterBenchmark("kernel/merge_runs/f32", BM_merge_runs)->UseRealTime()->Unit(benchmark::kMillisecond);
-  auto* gw = benchmark::RegisterBenchmark("kernel/gaussian_merge_weights/f16", BM_gaussian_merge_weights<f16>);
-  gw->ArgName("threads")->UseRealTime()->Unit(benchmark::kMillisecond);
-  for (int t : threads) gw->Arg(t);
-  benchmark::RegisterBenchmark("kernel/gaussian_merge_weights/bf16", BM_gaussian_merge_weights<bf16>)
-      ->ArgName("threads")
-      ->Arg(threads.back())
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("kernel/weightedkv_block_attention/f16", BM_weightedkv_block<f16>)
-      ->ArgName("threads")
-      ->Arg(threads.back())
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("kernel/centre_assignment_one_head/f16", BM_centre_assignment<f16>)
-      ->ArgName("threads")
-      ->Arg(threads.back())
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
+  register_threaded("kernel/gaussian_merge_weights/f16", BM_gaussian_merge_weights<f16>, threads);
+  register_threaded("kernel/gaussian_merge_weights/bf16", BM_gaussian_merge_weights<bf16>, all);
+  register_threaded("kernel/weightedkv_block_attention/f16", BM_weightedkv_block<f16>, all);
+  register_threaded("kernel/centre_assignment_one_head/f16", BM_centre_assignment<f16>, all);
 }
 
 }  // namespace kvscope::bench
