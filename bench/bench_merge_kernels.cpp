@@ -110,41 +110,64 @@ void BM_gaussian_merge_weights(benchmark::State& state) {
          true);
 }
 
+/// The keys one block of WeightedKV's streaming prefill meets at a full
+/// cache, per kv head: a seeded half of [0, T - 64) (B = T/2 slots), then the
+/// block's own 64 tokens, as fp32 rows.
+struct BlockKeys {
+  static constexpr std::int64_t kBlock = 64;
+  std::int64_t B = 0, t0 = 0, n_keys = 0;
+  std::vector<std::vector<float>> keys;
+};
+
+template <class S>
+const BlockKeys& block_keys() {
+  static const BlockKeys bk = [] {
+    const Shape& sh = shape();
+    const opt::LayerStorage& st = layer_storage(dtype_of<S>());
+    BlockKeys out;
+    out.B = sh.tokens / 2, out.t0 = sh.tokens - BlockKeys::kBlock, out.n_keys = out.B + BlockKeys::kBlock;
+    const std::int64_t d = sh.head_dim;
+    out.keys.resize(static_cast<std::size_t>(sh.kv_heads));
+    std::vector<std::int64_t> order(static_cast<std::size_t>(out.t0));
+    std::mt19937_64 rng(19);
+    for (int h = 0; h < sh.kv_heads; ++h) {
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      std::vector<std::int64_t> kept(order.begin(), order.begin() + out.B);
+      std::sort(kept.begin(), kept.end());
+      for (std::int64_t j = out.t0; j < sh.tokens; ++j) kept.push_back(j);
+      auto& kh = out.keys[static_cast<std::size_t>(h)];
+      kh.resize(static_cast<std::size_t>(out.n_keys * d));
+      for (std::int64_t c = 0; c < out.n_keys; ++c)
+        for (std::int64_t i = 0; i < d; ++i)
+          kh[static_cast<std::size_t>(c * d + i)] =
+              st.k.get((static_cast<std::int64_t>(h) * sh.tokens + kept[static_cast<std::size_t>(c)]) * d + i);
+    }
+    return out;
+  }();
+  return bk;
+}
+
 /// One block of WeightedKV's streaming prefill at a full cache: 64 prompt
 /// queries of every q head against the B = T/2 cached keys plus the block's
-/// own (group_block_logits, one GEMM per kv head), then each query's softmax
-/// over its B slots reduced over the group (group_slot_softmax). kv heads on
-/// the threads, as the backend runs them. The prefill runs T/64 such blocks.
-template <class S>
+/// own (group_block_logits, one GEMM per kv head), then, unless `logits_only`,
+/// each query's softmax over its B slots reduced over the group
+/// (group_slot_softmax). kv heads on the threads, as the backend runs them.
+/// The prefill runs T/64 such blocks. The logits-only row is the Q.K^T tile
+/// every attention-shaped kernel is built on: its flop_ratio is the GEMM's
+/// share of the FMA peak.
+template <class S, bool logits_only>
 void BM_weightedkv_block(benchmark::State& state) {
   const Threads th(static_cast<int>(state.range(0)));
   const Shape& sh = shape();
   const LayerShape s = layer_shape();
   const opt::LayerStorage& st = layer_storage(dtype_of<S>());
-  constexpr std::int64_t kBlock = 64;
-  const std::int64_t B = sh.tokens / 2, t0 = sh.tokens - kBlock, n_keys = B + kBlock, d = sh.head_dim;
+  const BlockKeys& bk = block_keys<S>();
+  constexpr std::int64_t kBlock = BlockKeys::kBlock;
+  const std::int64_t B = bk.B, t0 = bk.t0, n_keys = bk.n_keys, d = sh.head_dim;
   const int G = s.group();
-  // Per kv head: the keys of a cache that kept a seeded half of [0, t0), then the block's tokens.
-  std::vector<std::vector<float>> keys(static_cast<std::size_t>(sh.kv_heads));
   std::vector<std::int64_t> cols(static_cast<std::size_t>(B));
   std::iota(cols.begin(), cols.end(), 0);
-  {
-    std::vector<std::int64_t> order(static_cast<std::size_t>(t0));
-    std::mt19937_64 rng(19);
-    for (int h = 0; h < sh.kv_heads; ++h) {
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
-      std::vector<std::int64_t> kept(order.begin(), order.begin() + B);
-      std::sort(kept.begin(), kept.end());
-      for (std::int64_t j = t0; j < sh.tokens; ++j) kept.push_back(j);
-      auto& kh = keys[static_cast<std::size_t>(h)];
-      kh.resize(static_cast<std::size_t>(n_keys * d));
-      for (std::int64_t c = 0; c < n_keys; ++c)
-        for (std::int64_t i = 0; i < d; ++i)
-          kh[static_cast<std::size_t>(c * d + i)] =
-              st.k.get((static_cast<std::int64_t>(h) * sh.tokens + kept[static_cast<std::size_t>(c)]) * d + i);
-    }
-  }
   const double t = timed_loop(state, [&] {
 #pragma omp parallel
     {
@@ -152,8 +175,10 @@ void BM_weightedkv_block(benchmark::State& state) {
           probs(scratch.size());
 #pragma omp for schedule(static)
       for (int g = 0; g < sh.kv_heads; ++g) {
-        opt::cpu::group_block_logits(s, st.q.data<S>(), keys[static_cast<std::size_t>(g)].data(), n_keys, g, t0, kBlock,
-                                     logits.data());
+        opt::cpu::group_block_logits(s, st.q.data<S>(), bk.keys[static_cast<std::size_t>(g)].data(), n_keys, g, t0,
+                                     kBlock, logits.data());
+        benchmark::DoNotOptimize(logits.data());
+        if (logits_only) continue;
         for (std::int64_t u = 0; u < kBlock; ++u) {  // query t0 + u over the B slots it sees
           opt::cpu::group_slot_softmax(logits.data() + u * n_keys, kBlock * n_keys, G, cols.data(), B,
                                        opt::cpu::Reduce::kSum, scratch.data(), probs.data());
@@ -205,7 +230,8 @@ void register_merge_kernel_benchmarks() {
   benchmark::RegisterBenchmark("kernel/merge_runs/f32", BM_merge_runs)->UseRealTime()->Unit(benchmark::kMillisecond);
   register_threaded("kernel/gaussian_merge_weights/f16", BM_gaussian_merge_weights<f16>, threads);
   register_threaded("kernel/gaussian_merge_weights/bf16", BM_gaussian_merge_weights<bf16>, all);
-  register_threaded("kernel/weightedkv_block_attention/f16", BM_weightedkv_block<f16>, all);
+  register_threaded("kernel/weightedkv_block_attention/f16", BM_weightedkv_block<f16, false>, all);
+  register_threaded("kernel/group_block_logits/f16", BM_weightedkv_block<f16, true>, threads);
   register_threaded("kernel/centre_assignment_one_head/f16", BM_centre_assignment<f16>, all);
 }
 

@@ -445,6 +445,38 @@ TEST(CpuKernels, GroupBlockLogitsThenSlotSoftmaxIsTheGroupsSoftmaxOverTheSlots) 
     }
 }
 
+// A logit is a function of its query and key only, never of where they fall
+// in the register tiles (rows by the dozen, keys by sixteen): the blocked
+// kernels (window scores by key blocks, streaming prefills by query blocks)
+// then agree with any other blocking bit for bit.
+TEST(CpuKernels, GroupBlockLogitsDependOnlyOnTheirQueryAndKey) {
+  const std::int64_t T = 53;
+  for (int d : {128, 12}) {
+    const int hq = 8, hkv = 2, G = 4;
+    const Heads q = random_heads(hq, T, d, DType::kF16, 43), k = random_heads(hkv, T, d, DType::kF32, 44);
+    const opt::cpu::LayerShape s{hq, hkv, d, T};
+    const int g = 1;
+    const float* keys = k.storage.data<float>() + static_cast<std::int64_t>(g) * T * d;
+    // All 41 queries [12, 53) against all 53 keys: 164 rows x 53 keys in tiles.
+    const std::int64_t t0 = 12, n = T - t0;
+    std::vector<float> all(static_cast<std::size_t>(G * n * T));
+    opt::cpu::group_block_logits(s, q.storage.data<opt::cpu::f16>(), keys, T, g, t0, n, all.data());
+    // Each query alone, against the keys from 7 on (other tiles, other tails).
+    const std::int64_t first = 7, m = T - first;
+    std::vector<float> one(static_cast<std::size_t>(G * m));
+    for (std::int64_t u = 0; u < n; ++u) {
+      opt::cpu::group_block_logits(s, q.storage.data<opt::cpu::f16>(), keys + first * d, m, g, t0 + u, 1, one.data());
+      for (int i = 0; i < G; ++i)
+        for (std::int64_t j = 0; j < m; ++j) {
+          const float a = all[static_cast<std::size_t>((i * n + u) * T + first + j)];
+          const float b = one[static_cast<std::size_t>(i * m + j)];
+          ASSERT_EQ(std::memcmp(&a, &b, sizeof(float)), 0)
+              << "d " << d << " q head " << i << " query " << t0 + u << " key " << first + j << ": " << a << " vs " << b;
+        }
+    }
+  }
+}
+
 TEST(CpuKernels, CentreAssignmentMatchesEmsAssignWithZeroClassAndTinyRows) {
   const std::int64_t T = 48;
   const int d = 16;

@@ -1,7 +1,10 @@
 #include "qk_blocks.hpp"
 
+#include "simd.hpp"
+
 #include <Eigen/Core>
 #include <algorithm>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -12,11 +15,117 @@ extern "C" __m256 _ZGVdN8v_expf(__m256 x);
 
 namespace kvscope::opt::cpu::detail {
 
+namespace {
+
+#if KVSCOPE_CPU_AVX2
+/// Keys per tile: two vectors of logits per query row.
+constexpr int kTileKeys = 16;
+/// Query rows per tile: MR x 2 accumulators, two key vectors and a broadcast
+/// fill the registers (AVX2's 16; AVX-512VL's 32 ymm).
+#if defined(__AVX512VL__)
+constexpr int kTileRows = 12;
+#else
+constexpr int kTileRows = 6;
+#endif
+
+/// out[c * 8 + v] = in[v * ld + c] for an 8 x 8 block.
+inline void transpose8(const float* in, std::int64_t ld, float* out, std::int64_t out_ld) {
+  __m256 r[8], t[8];
+  for (int v = 0; v < 8; ++v) r[v] = _mm256_loadu_ps(in + v * ld);
+  for (int p = 0; p < 4; ++p) {
+    t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+    t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+  }
+  for (int p = 0; p < 2; ++p) {
+    r[4 * p] = _mm256_shuffle_ps(t[4 * p], t[4 * p + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * p + 1] = _mm256_shuffle_ps(t[4 * p], t[4 * p + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * p + 2] = _mm256_shuffle_ps(t[4 * p + 1], t[4 * p + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * p + 3] = _mm256_shuffle_ps(t[4 * p + 1], t[4 * p + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(out + c * out_ld, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
+    _mm256_storeu_ps(out + (c + 4) * out_ld, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
+  }
+}
+
+/// Kt[c * 16 + v] = K[v, c] for the tile's n <= 16 keys (missing keys 0).
+void transpose_tile(const float* K, std::int64_t n, int d, float* Kt) {
+  if (n == kTileKeys && d % 8 == 0) {
+    for (int c = 0; c < d; c += 8)
+      for (int h = 0; h < 2; ++h) transpose8(K + h * 8 * d + c, d, Kt + c * kTileKeys + h * 8, kTileKeys);
+    return;
+  }
+  for (int c = 0; c < d; ++c)
+    for (int v = 0; v < kTileKeys; ++v) Kt[c * kTileKeys + v] = v < n ? K[v * d + c] : 0.0f;
+}
+
+/// logits[MR, n <= 16] of MR query rows against one transposed key tile: each
+/// logit is q_0 k_0 + q_1 k_1 + ... as one FMA chain in c order, whatever
+/// the tile shape (so a logit depends on its q and k only).
+template <int MR>
+inline void qkt_tile(const float* Q, int d, const float* Kt, std::int64_t n, float* logits, std::int64_t ld) {
+  __m256 a[MR][2];
+#pragma GCC unroll 16
+  for (int u = 0; u < MR; ++u) a[u][0] = a[u][1] = _mm256_setzero_ps();
+  for (int c = 0; c < d; ++c) {
+    const __m256 k0 = _mm256_loadu_ps(Kt + c * kTileKeys), k1 = _mm256_loadu_ps(Kt + c * kTileKeys + 8);
+#pragma GCC unroll 16
+    for (int u = 0; u < MR; ++u) {
+      const __m256 q = _mm256_broadcast_ss(Q + u * d + c);
+      a[u][0] = _mm256_fmadd_ps(q, k0, a[u][0]);
+      a[u][1] = _mm256_fmadd_ps(q, k1, a[u][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < MR; ++u) {
+    float* out = logits + u * ld;
+    if (n == kTileKeys) {
+      _mm256_storeu_ps(out, a[u][0]);
+      _mm256_storeu_ps(out + 8, a[u][1]);
+    } else {
+      alignas(32) float row[kTileKeys];
+      _mm256_store_ps(row, a[u][0]);
+      _mm256_store_ps(row + 8, a[u][1]);
+      std::copy(row, row + n, out);
+    }
+  }
+}
+
+
+/// The last rows < kTileRows of a key tile, as one tile of their count.
+template <int MR = kTileRows - 1>
+void qkt_rest(std::int64_t rows, const float* Q, int d, const float* Kt, std::int64_t n, float* logits, std::int64_t ld) {
+  if constexpr (MR > 0) {
+    if (rows == MR)
+      qkt_tile<MR>(Q, d, Kt, n, logits, ld);
+    else
+      qkt_rest<MR - 1>(rows, Q, d, Kt, n, logits, ld);
+  }
+}
+#endif
+
+}  // namespace
+
 void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
+  if (R == 0 || n == 0) return;
+#if KVSCOPE_CPU_AVX2
+  {
+    // Key tiles outside (transposed once, kept in L1), query rows inside.
+    std::vector<float> Kt(static_cast<std::size_t>(kTileKeys * d));
+    for (std::int64_t j = 0; j < n; j += kTileKeys) {
+      const std::int64_t nj = std::min<std::int64_t>(kTileKeys, n - j);
+      transpose_tile(K + j * d, nj, d, Kt.data());
+      std::int64_t r = 0;
+      for (; r + kTileRows <= R; r += kTileRows) qkt_tile<kTileRows>(Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
+      qkt_rest(R - r, Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
+    }
+    return;
+  }
+#endif
   namespace ei = Eigen::internal;
   using Index = Eigen::Index;
   for (std::int64_t r = 0; r < R; ++r) std::fill(logits + r * ld, logits + r * ld + n, 0.0f);
-  if (R == 0 || n == 0 || d == 0) return;
+  if (d == 0) return;
   // C (row-major, stride ld) += Q (row-major, stride d) . K^T (K^T is column-major with stride d).
   ei::gemm_blocking_space<Eigen::RowMajor, float, float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic, 1, false> blocking(
       static_cast<Index>(R), static_cast<Index>(n), static_cast<Index>(d), 1, true);

@@ -1,10 +1,12 @@
 // Internal building blocks of the attention-shaped kernels (window scores,
-// accumulated attention, the streaming prefills): Q.K^T tiles by Eigen's fp32
-// GEMM and a vectorised softmax. Every result is a function of the values
-// only, never of buffer addresses or thread counts: the GEMM kernel is called
-// directly (Eigen's size heuristics would switch to address-dependent
-// coefficient loops for small shapes), exp goes through glibc's vector expf
-// lane by lane, and the max and sum use eight fixed accumulators.
+// accumulated attention, the streaming prefills): Q.K^T tiles and a
+// vectorised softmax. Every result is a function of the values only, never of
+// buffer addresses, tile positions or thread counts: under AVX2 each logit is
+// one FMA chain over d in order (an outer-product register tile over keys
+// transposed 16 at a time; without AVX2, Eigen's GEMM kernel called directly,
+// as its size heuristics would switch to address-dependent loops), exp goes
+// through glibc's vector expf lane by lane, and the max and sum use eight
+// fixed accumulators.
 #pragma once
 
 #include <cstdint>
@@ -27,7 +29,8 @@ void load_rows(const S* x, std::int64_t h, std::int64_t tokens, int d, std::int6
 }
 
 /// logits[R, n] (row stride ld) = Q[R, d] . K[n, d]^T, single-threaded
-/// (callers parallelise over fixed blocks).
+/// (callers parallelise over fixed blocks). ~86% of one core's FMA peak at
+/// d = 128 against ~70% for Eigen's GEMM (bench: kernel/group_block_logits, flop_ratio).
 void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld);
 
 /// In place: x <- exp(x) over n entries, eight lanes at a time (tail included)
