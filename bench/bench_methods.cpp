@@ -111,7 +111,8 @@ double kept_fraction(const ref::LayerPlans& p) {
 
 /// The least work of a family's prefill of the bench layer on the backend
 /// (fp16 storage, recorded attn_colsum): the bytes its kernels must move and
-/// the flops they must do, from the family's resolved parameters. exps,
+/// the flops they must do, from the family's resolved parameters (the bytes
+/// of the returned plans are added by the caller, from the reference's). exps,
 /// selection and decision code are not counted, so the floor below is
 /// optimistic. A model of the algorithm, not of our code: it stays put when
 /// a kernel changes (docs/performance.md, "Floor").
@@ -156,6 +157,17 @@ Work least_work(const MethodSpec& spec) {
     return {one.bytes * s.layers, one.flops * s.layers};
   }
   return {};  // position arithmetic only (full, streaming_llm): no kernel
+}
+
+/// Bytes of the plans a prefill must return (the reference's, which every
+/// backend must equal): CSR row pointers, entries (token, coef_k, coef_v) and
+/// each slot's position and count, 8 bytes each. A method with no kernel
+/// still writes them, but its floor stays 0 (nothing to compare).
+double plan_bytes(const ref::LayerPlans& p) {
+  double b = 0;
+  for (const Plan& plan : p.plans)
+    b += 8.0 * static_cast<double>((plan.slots() + 1) + 3 * plan.nnz() + 2 * plan.slots());
+  return b;
 }
 
 /// Seconds the least work takes at the limits measured in this process (0: no kernel).
@@ -206,7 +218,12 @@ void BM_cpu_prefill(benchmark::State& state, const std::string& family) {
   // How far the target is from the machine: the floor of the least work, the
   // speed-up a backend at that floor would reach, and the share of the floor
   // this backend reaches.
-  const double floor_s = floor_seconds(least_work(spec));
+  Work work = least_work(spec);
+  if (work.bytes > 0 || work.flops > 0) {  // the plans returned are part of the work
+    work.bytes += plan_bytes(want);
+    state.counters["plan_MB"] = plan_bytes(want) / 1e6;
+  }
+  const double floor_s = floor_seconds(work);
   if (floor_s > 0) {
     state.counters["floor_ms"] = floor_s * 1e3;
     state.counters["max_speedup"] = ref_s / floor_s;
