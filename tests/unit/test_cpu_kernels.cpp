@@ -85,23 +85,36 @@ void with_storage(const opt::StorageBuffer& b, F&& f) {
 
 constexpr double kScoreTol = 2e-5;  // fp32 softmax sums against double, relative to the largest score
 
+// Every path of the window's logits: the GEMM tile (3 x 8 rows per group),
+// four rows by two keys converted in registers (groups of 4, windows 1 and 2,
+// an odd key count so one key is left over), two rows by four keys (groups of
+// 3), and a head dim that is not a multiple of eight.
 TEST(CpuKernels, WindowScoresMatchReferenceWithGqa) {
-  for (DType t : kDtypes)
-    for (auto rows : {opt::cpu::Reduce::kSum, opt::cpu::Reduce::kMean, opt::cpu::Reduce::kMax}) {
-      const opt::cpu::LayerShape s{6, 2, 16, 37};
-      const Heads q = random_heads(6, 37, 16, t, 1), k = random_heads(2, 37, 16, t, 2);
-      std::vector<float> out(6 * 37, -1.0f);
-      with_storage(q.storage, [&](const auto* qp) {
-        using S = std::remove_cv_t<std::remove_pointer_t<decltype(qp)>>;
-        opt::cpu::window_scores(s, qp, k.storage.data<S>(), 8, rows, out.data());
-      });
-      const ref::Reduce rr = rows == opt::cpu::Reduce::kSum ? ref::Reduce::kSum
-                             : rows == opt::cpu::Reduce::kMean ? ref::Reduce::kMean : ref::Reduce::kMax;
-      for (int h = 0; h < 6; ++h) {
-        const VecX want = ref::window_scores(q.mats[static_cast<std::size_t>(h)], k.mats[static_cast<std::size_t>(h / 3)], 8, rr);
-        EXPECT_LT(max_rel_diff(out.data() + h * 37, want), kScoreTol) << dtype_name(t) << " q head " << h;
+  struct Case {
+    int group, d;
+    std::int64_t window;
+  };
+  const std::int64_t T = 37;
+  for (const Case c : {Case{3, 16, 8}, Case{4, 16, 1}, Case{4, 16, 2}, Case{3, 16, 2}, Case{4, 12, 1}})
+    for (DType t : kDtypes)
+      for (auto rows : {opt::cpu::Reduce::kSum, opt::cpu::Reduce::kMean, opt::cpu::Reduce::kMax}) {
+        const int hq = 2 * c.group;
+        const opt::cpu::LayerShape s{hq, 2, c.d, T};
+        const Heads q = random_heads(hq, T, c.d, t, 1), k = random_heads(2, T, c.d, t, 2);
+        std::vector<float> out(static_cast<std::size_t>(hq * T), -1.0f);
+        with_storage(q.storage, [&](const auto* qp) {
+          using S = std::remove_cv_t<std::remove_pointer_t<decltype(qp)>>;
+          opt::cpu::window_scores(s, qp, k.storage.data<S>(), c.window, rows, out.data());
+        });
+        const ref::Reduce rr = rows == opt::cpu::Reduce::kSum ? ref::Reduce::kSum
+                               : rows == opt::cpu::Reduce::kMean ? ref::Reduce::kMean : ref::Reduce::kMax;
+        for (int h = 0; h < hq; ++h) {
+          const VecX want = ref::window_scores(q.mats[static_cast<std::size_t>(h)],
+                                               k.mats[static_cast<std::size_t>(h / c.group)], c.window, rr);
+          EXPECT_LT(max_rel_diff(out.data() + h * T, want), kScoreTol)
+              << dtype_name(t) << " group " << c.group << " d " << c.d << " window " << c.window << " q head " << h;
+        }
       }
-    }
 }
 
 TEST(CpuKernels, WindowLongerThanPromptIsClamped) {

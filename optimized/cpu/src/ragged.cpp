@@ -162,42 +162,24 @@ struct Chunk {
   std::int64_t first = 0, last = 0;
 };
 
-/// out[h * kBlock + j] = q_h . k_j (= dot8) for the n keys of `keys` and the
-/// G q heads of `qs` (pre-scaled, [G, d]). Under AVX2, two keys by four heads
-/// at a time: eight independent FMA chains, each ending in one fixed hsum.
-void block_logits(const float* qs, int G, const float* keys, int n, int d, float* out /* [G, kBlock] */) {
+/// out[h * kBlock + j] = q_h . k_j (= dot8) for the n keys of storage `keys`
+/// and the G q heads of `qs` (pre-scaled, [G, d]). Under AVX2, two keys by
+/// four heads at a time, converted in registers (detail::qk_4x2); otherwise
+/// (and for an odd last key) each key converted into kbuf first.
+template <class S>
+void block_logits(const float* qs, int G, const S* keys, int n, int d, float* kbuf, float* out /* [G, kBlock] */) {
   int j = 0;
 #if KVSCOPE_CPU_AVX2
-  if (d % 8 == 0 && G % 4 == 0) {
-    for (; j + 2 <= n; j += 2) {
-      const float* ka = keys + static_cast<std::ptrdiff_t>(j) * d;
-      const float* kb = ka + d;
-      for (int h = 0; h < G; h += 4) {
-        const float* q = qs + static_cast<std::ptrdiff_t>(h) * d;
-        __m256 acc[8];  // head u: key a in acc[2u], key b in acc[2u + 1]
-        for (__m256& v : acc) v = _mm256_setzero_ps();
-        for (int c = 0; c < d; c += 8) {
-          const __m256 x = _mm256_loadu_ps(ka + c), y = _mm256_loadu_ps(kb + c);
-          for (int u = 0; u < 4; ++u) {
-            const __m256 qu = _mm256_loadu_ps(q + u * d + c);
-            acc[2 * u] = _mm256_fmadd_ps(qu, x, acc[2 * u]);
-            acc[2 * u + 1] = _mm256_fmadd_ps(qu, y, acc[2 * u + 1]);
-          }
-        }
-        // The eight logits (each hsum's value), stored as the four heads' (j, j + 1) pairs.
-        const __m256 l = detail::hsum8(acc);
-        const __m128 lo = _mm256_castps256_ps128(l), hi = _mm256_extractf128_ps(l, 1);
-        _mm_storel_pi(reinterpret_cast<__m64*>(out + h * kBlock + j), lo);
-        _mm_storeh_pi(reinterpret_cast<__m64*>(out + (h + 1) * kBlock + j), lo);
-        _mm_storel_pi(reinterpret_cast<__m64*>(out + (h + 2) * kBlock + j), hi);
-        _mm_storeh_pi(reinterpret_cast<__m64*>(out + (h + 3) * kBlock + j), hi);
-      }
-    }
-  }
+  if (d % 8 == 0 && G % 4 == 0)
+    for (; j + 2 <= n; j += 2)
+      for (int h = 0; h < G; h += 4)
+        detail::qk_4x2(qs + static_cast<std::ptrdiff_t>(h) * d, keys + static_cast<std::ptrdiff_t>(j) * d,
+                       keys + static_cast<std::ptrdiff_t>(j + 1) * d, d, out + h * kBlock + j, kBlock);
 #endif
-  for (; j < n; ++j)
-    for (int h = 0; h < G; ++h)
-      out[h * kBlock + j] = detail::dot8(qs + static_cast<std::ptrdiff_t>(h) * d, keys + static_cast<std::ptrdiff_t>(j) * d, d);
+  for (; j < n; ++j) {
+    load_row(keys + static_cast<std::ptrdiff_t>(j) * d, d, kbuf);
+    for (int h = 0; h < G; ++h) out[h * kBlock + j] = detail::dot8(qs + static_cast<std::ptrdiff_t>(h) * d, kbuf, d);
+  }
 }
 
 /// Folds a block of n logits x (bias added) into p: logits become weights
@@ -279,7 +261,7 @@ void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, con
     const std::size_t block_bytes = static_cast<std::size_t>(kBlock) * d * sizeof(S);
     prefetch_block(k + (j0 + kBlock) * d, block_bytes);
     prefetch_block(v + (j0 + kBlock) * d, block_bytes);
-    block_logits(qs, G, rows_f32(k, j0, n, d, kbuf.data()), n, d, x.data());
+    block_logits(qs, G, k + j0 * d, n, d, kbuf.data(), x.data());
     for (int h = 0; h < G; ++h) {
       float* xh = x.data() + h * kBlock;
       if (log_bias != nullptr)

@@ -15,6 +15,7 @@ using detail::dot8;
 using detail::load_rows;
 #if KVSCOPE_CPU_AVX2
 using detail::hsum;
+using detail::hsum8;
 #endif
 
 namespace {
@@ -30,14 +31,20 @@ constexpr std::int64_t kLogitFloats = std::int64_t{2} << 20;
 constexpr std::int64_t kDirectRows = 8;
 
 /// logits[r, j] (row stride ld) = Q[r] . k_j for R rows and n keys of storage,
-/// each logit equal to dot8(Q[r], k_j). Four keys by two rows at a time keep
-/// eight independent FMA chains; kbuf holds 4 * d floats.
+/// each logit equal to dot8(Q[r], k_j). With R a multiple of four (GQA groups
+/// of four and more), two keys by four rows at a time, converted in registers;
+/// otherwise four keys at a time converted into kbuf (4 * d floats) by two rows.
 template <class S>
 void direct_qkt(const float* Q, std::int64_t R, const S* k, std::int64_t n, int d, float* kbuf, float* logits,
                 std::int64_t ld) {
   std::int64_t j = 0;
 #if KVSCOPE_CPU_AVX2
-  if (d % 8 == 0) {
+  if (d % 8 == 0 && R % 4 == 0) {
+    for (; j + 2 <= n; j += 2) {
+      prefetch(reinterpret_cast<const char*>(k + j * d) + kPrefetchAhead, 2 * d * sizeof(S));
+      for (std::int64_t r = 0; r < R; r += 4) detail::qk_4x2(Q + r * d, k + j * d, k + (j + 1) * d, d, logits + r * ld + j, ld);
+    }
+  } else if (d % 8 == 0) {
     for (; j + 4 <= n; j += 4) {
       prefetch(reinterpret_cast<const char*>(k + j * d) + kPrefetchAhead, 4 * d * sizeof(S));
       load_row(k + j * d, 4 * d, kbuf);

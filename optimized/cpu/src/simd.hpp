@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "kvscope/opt/cpu/storage.hpp"
 
@@ -41,6 +42,47 @@ inline __m256 hsum8(const __m256* v) {
   const __m256 z = _mm256_add_ps(_mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
                                  _mm256_shuffle_ps(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/// Eight storage elements as fp32, exact (load_row's conversions, in a register).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // bf16 is the top half of an fp32: widen the bits
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __m256 load8(const f16* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  alignas(32) float x[8];
+  for (int i = 0; i < 8; ++i) x[i] = to_f32(p[i]);
+  return _mm256_load_ps(x);
+#endif
+}
+
+/// logits[4, 2] (stride ld) of four query rows (Q, row stride d) against keys
+/// ka and kb, read from storage and converted in registers: eight FMA chains,
+/// each equal to dot8's, summed by one hsum8. The few-rows Q.K^T tile of
+/// window_scores' direct path and of decode (a GQA group of four heads).
+template <class S>
+inline void qk_4x2(const float* Q, const S* ka, const S* kb, int d, float* logits, std::int64_t ld) {
+  __m256 acc[8];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+  for (int c = 0; c < d; c += 8) {
+    const __m256 x = load8(ka + c), y = load8(kb + c);
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m256 q = _mm256_loadu_ps(Q + u * d + c);
+      acc[2 * u] = _mm256_fmadd_ps(q, x, acc[2 * u]);
+      acc[2 * u + 1] = _mm256_fmadd_ps(q, y, acc[2 * u + 1]);
+    }
+  }
+  const __m256 l = hsum8(acc);  // rows 0..3, keys (a, b) in lane pairs
+  const __m128 lo = _mm256_castps256_ps128(l), hi = _mm256_extractf128_ps(l, 1);
+  _mm_storel_pi(reinterpret_cast<__m64*>(logits), lo);
+  _mm_storeh_pi(reinterpret_cast<__m64*>(logits + ld), lo);
+  _mm_storel_pi(reinterpret_cast<__m64*>(logits + 2 * ld), hi);
+  _mm_storeh_pi(reinterpret_cast<__m64*>(logits + 3 * ld), hi);
 }
 
 /// The largest of the eight lanes (max is exact in any order).

@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "simd.hpp"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -12,10 +14,9 @@ void load_row(const float* src, std::int64_t n, float* dst) { std::memcpy(dst, s
 
 void load_row(const f16* src, std::int64_t n, float* dst) {
   std::int64_t i = 0;
-#if defined(__F16C__)
+#if KVSCOPE_CPU_AVX2 && defined(__F16C__)
   // Eigen 3.4 only uses F16C under clang; convert eight at a time here.
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, detail::load8(src + i));
 #endif
   for (; i < n; ++i) dst[i] = to_f32(src[i]);
 }
@@ -23,11 +24,8 @@ void load_row(const f16* src, std::int64_t n, float* dst) {
 void load_row(const bf16* src, std::int64_t n, float* dst) {
   // bf16 is the top half of an fp32: widen the bits.
   std::int64_t i = 0;
-#if defined(__AVX2__)
-  for (; i + 8 <= n; i += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(w, 16));
-  }
+#if KVSCOPE_CPU_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, detail::load8(src + i));
 #endif
   for (; i < n; ++i) {
     std::uint16_t b;
