@@ -1,10 +1,10 @@
 #include "qk_blocks.hpp"
 
-#include "simd.hpp"
-
 #include <Eigen/Core>
 #include <algorithm>
 #include <vector>
+
+#include "simd.hpp"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -96,7 +96,6 @@ inline void qkt_tile(const float* Q, int d, const float* Kt, std::int64_t n, flo
   }
 }
 
-
 /// The last rows < kTileRows of a key tile, as one tile of their count.
 template <int MR = kTileRows - 1>
 void qkt_rest(std::int64_t rows, const float* Q, int d, const float* Kt, std::int64_t n, float* logits, std::int64_t ld) {
@@ -107,26 +106,10 @@ void qkt_rest(std::int64_t rows, const float* Q, int d, const float* Kt, std::in
       qkt_rest<MR - 1>(rows, Q, d, Kt, n, logits, ld);
   }
 }
-#endif
-
-}  // namespace
-
-void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
-  if (R == 0 || n == 0) return;
-#if KVSCOPE_CPU_AVX2
-  {
-    // Key tiles outside (transposed once, kept in L1), query rows inside.
-    std::vector<float> Kt(static_cast<std::size_t>(kTileKeys * d));
-    for (std::int64_t j = 0; j < n; j += kTileKeys) {
-      const std::int64_t nj = std::min<std::int64_t>(kTileKeys, n - j);
-      transpose_tile(K + j * d, nj, d, Kt.data());
-      std::int64_t r = 0;
-      for (; r + kTileRows <= R; r += kTileRows) qkt_tile<kTileRows>(Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
-      qkt_rest(R - r, Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
-    }
-    return;
-  }
-#endif
+#else
+/// logits = Q . K^T by Eigen's GEMM kernel, called directly (its size
+/// heuristics would switch to address-dependent loops for small shapes).
+void eigen_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
   namespace ei = Eigen::internal;
   using Index = Eigen::Index;
   for (std::int64_t r = 0; r < R; ++r) std::fill(logits + r * ld, logits + r * ld + n, 0.0f);
@@ -137,6 +120,26 @@ void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, in
   ei::general_matrix_matrix_product<Index, float, Eigen::RowMajor, false, float, Eigen::ColMajor, false, Eigen::RowMajor,
                                     1>::run(static_cast<Index>(R), static_cast<Index>(n), static_cast<Index>(d), Q, d, K,
                                             d, logits, 1, static_cast<Index>(ld), 1.0f, blocking);
+}
+#endif
+
+}  // namespace
+
+void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
+  if (R == 0 || n == 0) return;
+#if KVSCOPE_CPU_AVX2
+  // Key tiles outside (transposed once, kept in L1), query rows inside.
+  std::vector<float> Kt(static_cast<std::size_t>(kTileKeys * d));
+  for (std::int64_t j = 0; j < n; j += kTileKeys) {
+    const std::int64_t nj = std::min<std::int64_t>(kTileKeys, n - j);
+    transpose_tile(K + j * d, nj, d, Kt.data());
+    std::int64_t r = 0;
+    for (; r + kTileRows <= R; r += kTileRows) qkt_tile<kTileRows>(Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
+    qkt_rest(R - r, Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
+  }
+#else
+  eigen_qkt(Q, R, K, n, d, logits, ld);
+#endif
 }
 
 constexpr int kLanes = 8;
