@@ -251,6 +251,37 @@ void accumulate_rows4(const float* w, const float* rows, int n, int d, Partial* 
       for (int i = i0; i < d; ++i) parts[h].acc[i] += w[h * kBlock + j] * rows[static_cast<std::ptrdiff_t>(j) * d + i];
 }
 
+#if KVSCOPE_CPU_AVX2
+/// accumulate_rows4 over n rows of storage (d % 32 == 0), each converted in
+/// registers: no fp32 copy of the V block. Tiles of 32 columns (a 64-byte
+/// line of a 16-bit row) for the four heads: tiles of 16 read each line
+/// twice and ran slower than the copy. j in order with the same fused
+/// multiply-adds, so the results are accumulate_rows4's bit for bit.
+template <class S>
+void accumulate_rows4_storage(const float* w, const S* rows, int n, int d, Partial* parts) {
+  constexpr int kTile = 32;
+  for (int i0 = 0; i0 < d; i0 += kTile) {
+    __m256 a[4][4];
+    for (int h = 0; h < 4; ++h)
+      for (int t = 0; t < 4; ++t) a[h][t] = _mm256_loadu_ps(parts[h].acc + i0 + 8 * t);
+    for (int j = 0; j < n; ++j) {
+      const S* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
+      __m256 x[4];
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) x[t] = detail::load8(r + 8 * t);
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        const __m256 wh = _mm256_set1_ps(w[h * kBlock + j]);
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) a[h][t] = _mm256_fmadd_ps(wh, x[t], a[h][t]);
+      }
+    }
+    for (int h = 0; h < 4; ++h)
+      for (int t = 0; t < 4; ++t) _mm256_storeu_ps(parts[h].acc + i0 + 8 * t, a[h][t]);
+  }
+}
+#endif
+
 /// The G partials of chunk c (q heads c.g*G ...), over K'/V' rows.
 template <class S>
 void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, const S* v, const float* log_bias,
@@ -268,12 +299,19 @@ void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, con
         for (int j = 0; j < n; ++j) xh[j] += log_bias[j0 + j];
       fold_block(parts[h], xh, n, d);
     }
-    // The block's V rows are converted once for all G heads; each head's
-    // accumulator stays in registers across the block's rows.
-    const float* vr = rows_f32(v, j0, n, d, vbuf.data());
+    // Each head's accumulator stays in registers across the block's rows.
+    // Four heads at a time read the V rows from storage (converted in
+    // registers); heads left over share one fp32 copy of the block.
     int h = 0;
-    for (; h + 4 <= G; h += 4) accumulate_rows4(x.data() + h * kBlock, vr, n, d, parts + h);
-    for (; h < G; ++h) accumulate_rows(x.data() + h * kBlock, vr, n, d, parts[h].acc);
+#if KVSCOPE_CPU_AVX2
+    if (d % 32 == 0)
+      for (; h + 4 <= G; h += 4) accumulate_rows4_storage(x.data() + h * kBlock, v + j0 * d, n, d, parts + h);
+#endif
+    if (h < G) {
+      const float* vr = rows_f32(v, j0, n, d, vbuf.data());
+      for (; h + 4 <= G; h += 4) accumulate_rows4(x.data() + h * kBlock, vr, n, d, parts + h);
+      for (; h < G; ++h) accumulate_rows(x.data() + h * kBlock, vr, n, d, parts[h].acc);
+    }
   }
 }
 
