@@ -81,23 +81,27 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 #pragma omp parallel
   {
     std::vector<float> kp(static_cast<std::size_t>(d)), diff, dist2;
-#pragma omp for schedule(static)
+    // Runs differ in length: dealt out in small batches, not halves.
+#pragma omp for schedule(dynamic, 64)
     for (std::int64_t s = 0; s < runs; ++s) {
       const std::int64_t b = begin[s], e = begin[s + 1], m = e - b;
       if (m == 1) {
         w[b] = 1.0f;
         continue;
       }
-      // The run's differences k_p - k_i, each key row converted once.
+      // The run's differences k_p - k_i, each key row converted once (in
+      // registers under AVX2).
       load_row(k_head + pivot[s] * d, d, kp.data());
       diff.resize(static_cast<std::size_t>(m * d));
       for (std::int64_t i = 0; i < m; ++i) {
         const S* ki = k_head + (b + i) * d;
         prefetch(reinterpret_cast<const char*>(ki) + kPrefetchAhead, d * sizeof(S));
         float* di = &diff[static_cast<std::size_t>(i * d)];
-        load_row(ki, d, di);
-#pragma omp simd
-        for (int c = 0; c < d; ++c) di[c] = kp[static_cast<std::size_t>(c)] - di[c];
+        int c = 0;
+#if KVSCOPE_CPU_AVX2
+        for (; c + 8 <= d; c += 8) _mm256_storeu_ps(di + c, _mm256_sub_ps(_mm256_loadu_ps(&kp[static_cast<std::size_t>(c)]), detail::load8(ki + c)));
+#endif
+        for (; c < d; ++c) di[c] = kp[static_cast<std::size_t>(c)] - to_f32(ki[c]);
       }
       // Scale exponent of the largest difference: |k_p - k_i|^2 of tiny keys
       // would underflow in fp32 (the reference's double does not). fp16
