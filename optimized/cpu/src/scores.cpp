@@ -25,9 +25,10 @@ constexpr std::int64_t kQueryBlock = 64;
 /// Logits (floats) window_scores keeps at once: 8 MiB, well inside the L3.
 constexpr std::int64_t kLogitFloats = std::int64_t{2} << 20;
 /// Window queries per group up to which window_scores streams the keys past
-/// the queries (each key converted once, in L1) instead of packing them for a
-/// GEMM: with so few rows the packing costs more than the product, and the
-/// kernel is bound by reading K.
+/// the queries (each key converted once, in registers or L1) instead of
+/// converting and transposing key blocks for gemm_qkt's register tile: with so
+/// few rows that costs more than the product, and the kernel is bound by
+/// reading K.
 constexpr std::int64_t kDirectRows = 8;
 
 /// logits[r, j] (row stride ld) = Q[r] . k_j for R rows and n keys of storage,
