@@ -217,70 +217,51 @@ void accumulate_rows(const float* w, const float* rows, int n, int d, float* acc
     for (int i = i0; i < d; ++i) acc[i] += w[j] * rows[static_cast<std::ptrdiff_t>(j) * d + i];
 }
 
-/// accumulate_rows for four heads at once (weights w + h * kBlock, h < 4):
-/// each V row is loaded once for the four, and the 4 x 2 register sums are
-/// independent chains. Every element's sum runs over j in the same order, so
-/// the results are accumulate_rows' bit for bit.
-void accumulate_rows4(const float* w, const float* rows, int n, int d, Partial* parts) {
-  constexpr int kTile = 16;
-  int i0 = 0;
-  for (; i0 + kTile <= d; i0 += kTile) {
-    float a0[kTile], a1[kTile], a2[kTile], a3[kTile];
-    std::copy(parts[0].acc + i0, parts[0].acc + i0 + kTile, a0);
-    std::copy(parts[1].acc + i0, parts[1].acc + i0 + kTile, a1);
-    std::copy(parts[2].acc + i0, parts[2].acc + i0 + kTile, a2);
-    std::copy(parts[3].acc + i0, parts[3].acc + i0 + kTile, a3);
-    for (int j = 0; j < n; ++j) {
-      const float* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
-      const float w0 = w[j], w1 = w[kBlock + j], w2 = w[2 * kBlock + j], w3 = w[3 * kBlock + j];
-#pragma omp simd
-      for (int t = 0; t < kTile; ++t) {
-        a0[t] += w0 * r[t];
-        a1[t] += w1 * r[t];
-        a2[t] += w2 * r[t];
-        a3[t] += w3 * r[t];
-      }
+#if KVSCOPE_CPU_AVX2
+/// Columns [i0, i0 + 8V) of accumulate_rows4: the 4 x V register sums stay in
+/// registers across the n rows, each row's V vectors converted in registers.
+template <int V, class S>
+void accumulate_tile4(const float* w, const S* rows, int n, int d, int i0, Partial* parts) {
+  __m256 a[4][V];
+  for (int h = 0; h < 4; ++h)
+    for (int t = 0; t < V; ++t) a[h][t] = _mm256_loadu_ps(parts[h].acc + i0 + 8 * t);
+  for (int j = 0; j < n; ++j) {
+    const S* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
+    __m256 x[V];
+#pragma GCC unroll 4
+    for (int t = 0; t < V; ++t) x[t] = detail::load8(r + 8 * t);
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) {
+      const __m256 wh = _mm256_set1_ps(w[h * kBlock + j]);
+#pragma GCC unroll 4
+      for (int t = 0; t < V; ++t) a[h][t] = _mm256_fmadd_ps(wh, x[t], a[h][t]);
     }
-    std::copy(a0, a0 + kTile, parts[0].acc + i0);
-    std::copy(a1, a1 + kTile, parts[1].acc + i0);
-    std::copy(a2, a2 + kTile, parts[2].acc + i0);
-    std::copy(a3, a3 + kTile, parts[3].acc + i0);
   }
   for (int h = 0; h < 4; ++h)
-    for (int j = 0; j < n; ++j)
-      for (int i = i0; i < d; ++i) parts[h].acc[i] += w[h * kBlock + j] * rows[static_cast<std::ptrdiff_t>(j) * d + i];
-}
-
-#if KVSCOPE_CPU_AVX2
-/// accumulate_rows4 over n rows of storage (d % 32 == 0), each converted in
-/// registers: no fp32 copy of the V block. Tiles of 32 columns (a 64-byte
-/// line of a 16-bit row) for the four heads: tiles of 16 read each line
-/// twice and ran slower than the copy. j in order with the same fused
-/// multiply-adds, so the results are accumulate_rows4's bit for bit.
-template <class S>
-void accumulate_rows4_storage(const float* w, const S* rows, int n, int d, Partial* parts) {
-  constexpr int kTile = 32;
-  for (int i0 = 0; i0 < d; i0 += kTile) {
-    __m256 a[4][4];
-    for (int h = 0; h < 4; ++h)
-      for (int t = 0; t < 4; ++t) a[h][t] = _mm256_loadu_ps(parts[h].acc + i0 + 8 * t);
-    for (int j = 0; j < n; ++j) {
-      const S* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
-      __m256 x[4];
-#pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) x[t] = detail::load8(r + 8 * t);
-#pragma GCC unroll 4
-      for (int h = 0; h < 4; ++h) {
-        const __m256 wh = _mm256_set1_ps(w[h * kBlock + j]);
-#pragma GCC unroll 4
-        for (int t = 0; t < 4; ++t) a[h][t] = _mm256_fmadd_ps(wh, x[t], a[h][t]);
-      }
-    }
-    for (int h = 0; h < 4; ++h)
-      for (int t = 0; t < 4; ++t) _mm256_storeu_ps(parts[h].acc + i0 + 8 * t, a[h][t]);
-  }
+    for (int t = 0; t < V; ++t) _mm256_storeu_ps(parts[h].acc + i0 + 8 * t, a[h][t]);
 }
 #endif
+
+/// accumulate_rows for four heads at once (weights w + h * kBlock, h < 4),
+/// over n rows of storage read and converted in registers (no fp32 copy of the
+/// V block): each row is loaded once for the four heads. Under AVX2, tiles of
+/// 32 columns (a 64-byte line of a 16-bit row; tiles of 16 read each line
+/// twice and ran slower than the copy), then 16 and 8. Every element's sum
+/// runs over j in the same order with the same fused multiply-adds, so the
+/// results are accumulate_rows' bit for bit.
+template <class S>
+void accumulate_rows4(const float* w, const S* rows, int n, int d, Partial* parts) {
+  int i0 = 0;
+#if KVSCOPE_CPU_AVX2
+  for (; i0 + 32 <= d; i0 += 32) accumulate_tile4<4>(w, rows, n, d, i0, parts);
+  for (; i0 + 16 <= d; i0 += 16) accumulate_tile4<2>(w, rows, n, d, i0, parts);
+  for (; i0 + 8 <= d; i0 += 8) accumulate_tile4<1>(w, rows, n, d, i0, parts);
+#endif
+  for (int h = 0; h < 4; ++h)
+    for (int j = 0; j < n; ++j)
+      for (int i = i0; i < d; ++i)
+        parts[h].acc[i] += w[h * kBlock + j] * to_f32(rows[static_cast<std::ptrdiff_t>(j) * d + i]);
+}
 
 /// The G partials of chunk c (q heads c.g*G ...), over K'/V' rows.
 template <class S>
@@ -303,13 +284,9 @@ void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, con
     // Four heads at a time read the V rows from storage (converted in
     // registers); heads left over share one fp32 copy of the block.
     int h = 0;
-#if KVSCOPE_CPU_AVX2
-    if (d % 32 == 0)
-      for (; h + 4 <= G; h += 4) accumulate_rows4_storage(x.data() + h * kBlock, v + j0 * d, n, d, parts + h);
-#endif
+    for (; h + 4 <= G; h += 4) accumulate_rows4(x.data() + h * kBlock, v + j0 * d, n, d, parts + h);
     if (h < G) {
       const float* vr = rows_f32(v, j0, n, d, vbuf.data());
-      for (; h + 4 <= G; h += 4) accumulate_rows4(x.data() + h * kBlock, vr, n, d, parts + h);
       for (; h < G; ++h) accumulate_rows(x.data() + h * kBlock, vr, n, d, parts[h].acc);
     }
   }
