@@ -220,8 +220,9 @@ void BM_cpu_prefill(benchmark::State& state, const std::string& family) {
   // this backend reaches.
   Work work = least_work(spec);
   if (work.bytes > 0 || work.flops > 0) {  // the plans returned are part of the work
-    work.bytes += plan_bytes(want);
-    state.counters["plan_MB"] = plan_bytes(want) / 1e6;
+    const double plans_b = plan_bytes(want);
+    work.bytes += plans_b;
+    state.counters["plan_MB"] = plans_b / 1e6;
   }
   const double floor_s = floor_seconds(work);
   if (floor_s > 0) {

@@ -15,7 +15,6 @@ using detail::dot8;
 using detail::load_rows;
 #if KVSCOPE_CPU_AVX2
 using detail::hsum;
-using detail::hsum8;
 #endif
 
 namespace {
