@@ -305,30 +305,38 @@ TEST(CpuKernels, RaggedPlanMatchesApplyPlanAndWritesEveryRow) {
     }
 }
 
+// Groups of 2 (heads one by one), 4 (the four-head logits and V tiles) and 5
+// (four heads, then one left over); head dims 16, 40 (tiles of 32 and 8) and
+// 128; a key count per kv head that leaves a partial block and an odd key.
 TEST(CpuKernels, DecodeAttentionMatchesReferenceWithAndWithoutLogCountBias) {
-  for (DType t : kDtypes)
-    for (bool bias : {false, true}) {
-      const int Hq = 4, Hkv = 2, d = 16;
-      const std::int64_t offsets[] = {0, 9, 30};
-      const Heads k = random_heads(1, 30, d, t, 14), v = random_heads(1, 30, d, t, 15), q = random_heads(Hq, 1, d, DType::kF32, 16);
-      std::vector<float> counts(30), log_bias(30);
-      for (int r = 0; r < 30; ++r) counts[static_cast<std::size_t>(r)] = static_cast<float>(1 + r % 3), log_bias[static_cast<std::size_t>(r)] = std::log(counts[static_cast<std::size_t>(r)]);
-      std::vector<float> out(Hq * d, NAN);
-      opt::cpu::dispatch_storage(t, [&](auto tag) {
-        using S = decltype(tag);
-        opt::cpu::decode_attention<S>(q.tensor.data.data(), Hq, Hkv, d, offsets, k.storage.data<S>(), v.storage.data<S>(),
-                                      bias ? log_bias.data() : nullptr, out.data());
-      });
-      for (int h = 0; h < Hq; ++h) {
-        const int g = h / 2;
-        const std::int64_t first = offsets[g], n = offsets[g + 1] - first;
-        VecX b(n);
-        for (std::int64_t r = 0; r < n; ++r) b[r] = log_bias[static_cast<std::size_t>(first + r)];
-        const VecX want = ref::attend(q.mats[static_cast<std::size_t>(h)].row(0).transpose(), k.mats[0].middleRows(first, n),
-                                      v.mats[0].middleRows(first, n), bias ? &b : nullptr).output;
-        EXPECT_LT(max_rel_diff(out.data() + h * d, want), 1e-5) << dtype_name(t) << " q head " << h;
-      }
-    }
+  for (int G : {2, 4, 5})
+    for (int d : {16, 40, 128})
+      for (DType t : kDtypes)
+        for (bool bias : {false, true}) {
+          const int Hkv = 2, Hq = G * Hkv;
+          const std::int64_t offsets[] = {0, 9, 30};
+          const Heads k = random_heads(1, 30, d, t, 14), v = random_heads(1, 30, d, t, 15),
+                      q = random_heads(Hq, 1, d, DType::kF32, 16);
+          std::vector<float> counts(30), log_bias(30);
+          for (int r = 0; r < 30; ++r) counts[static_cast<std::size_t>(r)] = static_cast<float>(1 + r % 3), log_bias[static_cast<std::size_t>(r)] = std::log(counts[static_cast<std::size_t>(r)]);
+          std::vector<float> out(static_cast<std::size_t>(Hq * d), NAN);
+          opt::cpu::dispatch_storage(t, [&](auto tag) {
+            using S = decltype(tag);
+            opt::cpu::decode_attention<S>(q.tensor.data.data(), Hq, Hkv, d, offsets, k.storage.data<S>(),
+                                          v.storage.data<S>(), bias ? log_bias.data() : nullptr, out.data());
+          });
+          for (int h = 0; h < Hq; ++h) {
+            const int g = h / G;
+            const std::int64_t first = offsets[g], n = offsets[g + 1] - first;
+            VecX b(n);
+            for (std::int64_t r = 0; r < n; ++r) b[r] = log_bias[static_cast<std::size_t>(first + r)];
+            const VecX want = ref::attend(q.mats[static_cast<std::size_t>(h)].row(0).transpose(),
+                                          k.mats[0].middleRows(first, n), v.mats[0].middleRows(first, n),
+                                          bias ? &b : nullptr).output;
+            EXPECT_LT(max_rel_diff(out.data() + h * d, want), 1e-5)
+                << dtype_name(t) << " group " << G << " d " << d << " bias " << bias << " q head " << h;
+          }
+        }
 }
 
 TEST(CpuKernels, ResultsAreBitwiseIdenticalAcrossThreadCounts) {
