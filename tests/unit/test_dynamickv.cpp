@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <numeric>
 #include <random>
+#include <span>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/methods/dynamickv.hpp"
@@ -449,35 +450,49 @@ TEST(DynamicKV, MultiLayerReplayUsesTheCouplingSchedule) {
 }
 
 // The bucketed prefix top-k against the definition: sort layers 0..n-1 by
-// (value descending, flat index ascending), count the first k per layer.
+// (value descending, flat index ascending), count the first k per layer. In
+// double (the reference's scores) and in float (a backend's, read in place).
+template <class V>
+void expect_prefix_counts_equal_a_stable_sort(const std::vector<V>& flat, int L, std::int64_t P, int trial) {
+  std::vector<std::span<const V>> layers;
+  for (int l = 0; l < L; ++l) layers.emplace_back(flat.data() + l * P, static_cast<std::size_t>(P));
+  const ref::DynamicKVPrefixTopK<V> topk(layers);
+  for (int n = 0; n <= L; ++n) {
+    std::vector<std::int64_t> order(static_cast<std::size_t>(n * P));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
+      return flat[static_cast<std::size_t>(a)] > flat[static_cast<std::size_t>(b)];
+    });
+    for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}, n * P / 3, n * P - 1, n * P, n * P + 5}) {
+      std::vector<std::int64_t> want(static_cast<std::size_t>(n), 0);
+      for (std::int64_t i = 0; i < std::clamp<std::int64_t>(k, 0, n * P); ++i)
+        ++want[static_cast<std::size_t>(order[static_cast<std::size_t>(i)] / P)];
+      EXPECT_EQ(topk.counts(n, k), want) << (sizeof(V) == 4 ? "float" : "double") << " trial " << trial << ", L "
+                                         << L << ", P " << P << ", n " << n << ", k " << k;
+    }
+  }
+}
+
 TEST(DynamicKV, PrefixTopKCountsEqualAStableSortOfEveryPrefix) {
   std::mt19937_64 rng(20261201);
   std::printf("seed 20261201\n");
-  for (int trial = 0; trial < 40; ++trial) {
+  for (int trial = 0; trial < 60; ++trial) {
     const int L = 1 + static_cast<int>(rng() % 6);
     const std::int64_t P = static_cast<std::int64_t>(rng() % 300);
     std::vector<double> flat(static_cast<std::size_t>(L * P));
     for (double& x : flat) {
-      switch (trial % 4) {
+      switch (trial % 6) {
         case 0: x = static_cast<double>(rng() % 5); break;                       // heavy ties
         case 1: x = std::ldexp(static_cast<double>(rng() % 1000), -static_cast<int>(rng() % 60)); break;
         case 2: x = (rng() % 2 ? -1.0 : 1.0) * static_cast<double>(rng() % 3) * 0.5; break;  // signed zeros
-        default: x = 1.0 + 1e-12 * static_cast<double>(rng() % 7); break;        // one bucket
+        case 3: x = 1.0 + 1e-12 * static_cast<double>(rng() % 7); break;         // one narrow range
+        case 4:  // both signs over many binades: the bucket range spans the whole key space
+          x = (rng() % 2 ? -1.0 : 1.0) * std::ldexp(1.0 + static_cast<double>(rng() % 8), static_cast<int>(rng() % 200) - 100);
+          break;
+        default: x = rng() % 50 == 0 ? 1e30 : 1e-3 * static_cast<double>(rng() % 9); break;  // one far outlier
       }
     }
-    const ref::DynamicKVPrefixTopK topk(flat, P, L);
-    for (int n = 0; n <= L; ++n) {
-      std::vector<std::int64_t> order(static_cast<std::size_t>(n * P));
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
-        return flat[static_cast<std::size_t>(a)] > flat[static_cast<std::size_t>(b)];
-      });
-      for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}, n * P / 3, n * P - 1, n * P, n * P + 5}) {
-        std::vector<std::int64_t> want(static_cast<std::size_t>(n), 0);
-        for (std::int64_t i = 0; i < std::clamp<std::int64_t>(k, 0, n * P); ++i)
-          ++want[static_cast<std::size_t>(order[static_cast<std::size_t>(i)] / P)];
-        EXPECT_EQ(topk.counts(n, k), want) << "trial " << trial << ", L " << L << ", P " << P << ", n " << n << ", k " << k;
-      }
-    }
+    expect_prefix_counts_equal_a_stable_sort(flat, L, P, trial);
+    expect_prefix_counts_equal_a_stable_sort(std::vector<float>(flat.begin(), flat.end()), L, P, trial);
   }
 }

@@ -9,7 +9,9 @@
 // fixed accumulators.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "kvscope/opt/cpu/storage.hpp"
 
@@ -18,6 +20,20 @@ namespace kvscope::opt::cpu::detail {
 /// Keys per GEMM block. Fixed (never derived from the thread count), so the
 /// blocks, and so every logit, are the same on any number of threads.
 inline constexpr std::int64_t kKeyBlock = 256;
+
+/// n floats of the calling thread's scratch buffer, uninitialised. The buffer
+/// only grows and lives as long as the thread, so kernels called once per
+/// layer do not fault in and zero megabytes each time. One user per thread at
+/// a time: a kernel takes it once, outside its parallel region.
+inline float* thread_scratch(std::size_t n) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local std::size_t size = 0;
+  if (size < n) {
+    buffer = std::make_unique_for_overwrite<float[]>(n);
+    size = n;
+  }
+  return buffer.get();
+}
 
 /// Rows [first, first + n) of head h of a [heads, tokens, d] buffer as fp32, times `scale`.
 template <class S>

@@ -92,8 +92,11 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
   // kv heads per pass: as many as keep their logits within kLogitFloats (in
   // cache), so small windows (TOVA's one query) share one parallel region.
   const int heads = static_cast<int>(std::clamp<std::int64_t>(kLogitFloats / std::max<std::int64_t>(1, R * T), 1, s.kv_heads));
-  std::vector<float> logits(static_cast<std::size_t>(heads * R * T)), Q(static_cast<std::size_t>(heads * R * d)),
-      inv(static_cast<std::size_t>(heads * R));  // 1 / each row's exp sum
+  // Every logit a row reads is written first (the product covers every key):
+  // the caller's thread keeps the buffer, so a call per layer neither zeroes
+  // nor faults in megabytes again.
+  float* logits = detail::thread_scratch(static_cast<std::size_t>(heads * R * T));
+  std::vector<float> Q(static_cast<std::size_t>(heads * R * d)), inv(static_cast<std::size_t>(heads * R));  // 1 / each row's exp sum
   // Row r of a group = (q head r / w, token T - w + r % w), which sees keys 0..t.
   const auto last_key = [&](std::int64_t r) { return T - w + r % w; };
   for (int g0 = 0; g0 < s.kv_heads; g0 += heads) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <span>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/scorer.hpp"
@@ -45,10 +46,11 @@ void check_schedule_input(std::size_t layers, const DynamicKVScheduleConfig& c) 
     throw Error(ErrorKind::kUsage, "dynamickv: schedule needs base >= 0, window >= 0, interval >= 1, r_max >= 0");
 }
 
-// The schedule over H heads x Lp scores per layer, read through `at(l, i)` (entry i of layer
-// l's head-major scores). Widening fp32 scores to double keeps their order and ties.
-template <class At>
-DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVScheduleConfig& c, At at) {
+// The schedule over H heads x Lp scores per layer, `layers[l]` head-major. fp32 scores are read as
+// they are: widening them to double would keep their order and ties.
+template <class V>
+DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVScheduleConfig& c,
+                           std::vector<std::span<const V>> layers) {
   const int L = c.layers;
   const std::int64_t w = c.window, b = c.base;
   DynamicKVSchedule out;
@@ -60,11 +62,7 @@ DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVSched
   out.layout.assign(static_cast<std::size_t>(L), initial);
 
   const std::int64_t need = b * L;  // need_fill_kv = base * num_hidden_layers
-  std::vector<double> flat;  // every layer's scores, layer-major
-  flat.reserve(static_cast<std::size_t>(L * H * Lp));
-  for (int l = 0; l < L; ++l)
-    for (std::int64_t i = 0; i < H * Lp; ++i) flat.push_back(at(l, i));
-  const DynamicKVPrefixTopK gathered(std::move(flat), H * Lp, L);
+  const DynamicKVPrefixTopK<V> gathered(std::move(layers));
   for (int l = 0; l < L; ++l) {
     if (l % c.interval != c.interval - 1) continue;
     const int n = l + 1;
@@ -138,9 +136,13 @@ DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& score
     for (const VecX& h : layer)
       if (h.size() != Lp) throw Error(ErrorKind::kUsage, "dynamickv: every head needs Lp scores");
   }
-  return schedule(H, Lp, c, [&](int l, std::int64_t i) {
-    return scores[static_cast<std::size_t>(l)][static_cast<std::size_t>(i / Lp)][i % Lp];
-  });
+  std::vector<std::vector<double>> flat(scores.size());  // each layer's heads end to end
+  std::vector<std::span<const double>> layers;
+  for (std::size_t l = 0; l < scores.size(); ++l) {
+    for (const VecX& h : scores[l]) flat[l].insert(flat[l].end(), h.data(), h.data() + h.size());
+    layers.emplace_back(flat[l]);
+  }
+  return schedule(H, Lp, c, std::move(layers));
 }
 
 DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c) {
@@ -153,9 +155,9 @@ DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& sco
     if (static_cast<std::int64_t>(layer.values.size()) != H * Lp)
       throw Error(ErrorKind::kUsage, "dynamickv: every head needs Lp scores");
   }
-  return schedule(H, Lp, c, [&](int l, std::int64_t i) {
-    return static_cast<double>(scores[static_cast<std::size_t>(l)].values[static_cast<std::size_t>(i)]);
-  });
+  std::vector<std::span<const float>> layers;
+  for (const auto& layer : scores) layers.emplace_back(layer.values);
+  return schedule(H, Lp, c, std::move(layers));
 }
 
 std::vector<VecX> dynamickv_layer_scores(const LayerInput& in, std::int64_t window, std::int64_t kernel, Pool pool) {

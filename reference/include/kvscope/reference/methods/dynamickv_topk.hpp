@@ -5,21 +5,27 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace kvscope::ref {
 
-/// Entries are flat: layer-major, `per_layer` each. The k best are a stable
-/// top-k: higher value first, the lower flat index on equal values (-0 equals
-/// +0). Values must not be NaN.
+/// Entries are per layer, `layers[l][i]` with flat index l * per_layer + i
+/// (every layer holds per_layer entries). The k best are a stable top-k:
+/// higher value first, the lower flat index on equal values (-0 equals +0).
+/// Values must not be NaN. `V` is double (the reference's scores) or float (a
+/// backend's, read in place: widening them to double keeps order and ties).
 ///
 /// Visiting every prefix with a fresh selection costs O(L^2 * per_layer). Here
-/// each layer's entries are bucketed once by the top 16 bits of an
-/// order-preserving key of their value; a prefix's k-th entry is then found from
-/// the bucket counts, and only that one bucket is searched.
+/// each layer's entries are bucketed once by an order-preserving integer key
+/// of their value, scaled to the keys' range so that 2^16 buckets spread over
+/// the values actually present; a prefix's k-th entry is then found by a
+/// binary search over the bucket counts, and only that one bucket is searched.
+template <class V>
 class DynamicKVPrefixTopK {
  public:
-  DynamicKVPrefixTopK(std::vector<double> flat, std::int64_t per_layer, int layers);
+  /// Views, not copies: the layers' values must outlive the object.
+  explicit DynamicKVPrefixTopK(std::vector<std::span<const V>> layers);
 
   /// counts[l] for l < n: entries of layer l among the k best of layers
   /// 0..n-1 (k clamped to [0, n * per_layer]).
@@ -29,13 +35,19 @@ class DynamicKVPrefixTopK {
   static constexpr int kBucketBits = 16;
   static constexpr std::size_t kBuckets = std::size_t{1} << kBucketBits;
 
-  std::vector<double> flat_;
-  std::int64_t per_layer_;
-  int layers_;
-  /// before_[l * (kBuckets + 1) + b]: entries of layer l in buckets < b (bucket 0 holds the largest values).
+  std::size_t bucket_of(V x) const;
+
+  std::vector<std::span<const V>> layers_;
+  std::int64_t per_layer_ = 0;
+  std::uint64_t top_key_ = 0;  // the largest value's key
+  int shift_ = 0;              // bucket = (top_key_ - key) >> shift_: bucket 0 holds the largest values
+  /// before_[l * (kBuckets + 1) + b]: entries of layer l in buckets < b.
   std::vector<std::int64_t> before_;
-  /// Per layer (at l * per_layer): its flat indices by bucket, then by index.
-  std::vector<std::int64_t> by_bucket_;
+  /// Per layer (at l * per_layer): its entries' indices within the layer, by bucket, then by index.
+  std::vector<std::uint32_t> by_bucket_;
 };
+
+extern template class DynamicKVPrefixTopK<double>;
+extern template class DynamicKVPrefixTopK<float>;
 
 }  // namespace kvscope::ref
