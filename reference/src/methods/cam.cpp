@@ -37,20 +37,23 @@ using Score = CamScore;
 using Prefill = CamPrefill;
 using Config = CamConfig;
 
-// p of an evicted slot given the pass's window W and kept slots.
-using ProbFn = std::function<double(std::int64_t e, const std::vector<std::int64_t>& win,
-                                    const std::vector<std::int64_t>& kept)>;
-
 // A value hand-off decided by one eviction pass: slot `from` gives coef * V to each slot in `to`.
 struct Merge {
   std::int64_t from;
   std::vector<std::int64_t> to;
   double coef;
 };
+// StreamingLLM evicts one block of slots, [first, end) of the pass's m slots;
+// the others are kept, in order. Ranges, not a list of the kept slots: the
+// prompt stream runs a pass per token over a full cache.
 struct Pass {
-  std::vector<std::int64_t> kept;  // slots, increasing
+  std::int64_t m = 0, first = 0, end = 0;
   std::vector<Merge> merges;
+  bool kept(std::int64_t s) const { return s < first || s >= end; }
 };
+
+// p of an evicted slot given the pass's window W (and its kept slots).
+using ProbFn = std::function<double(std::int64_t e, const std::vector<std::int64_t>& win, const Pass& pass)>;
 
 // One eviction pass over a head whose slots hold the keys `key` (sequence order):
 // StreamingLLM evicts the oldest non-sink slots down to `budget`; the latest
@@ -60,23 +63,19 @@ struct Pass {
 Pass evict_pass(const std::vector<std::int64_t>& key, std::int64_t budget, std::int64_t candidates,
                 const ProbFn& prob, const Config& c, int layer, int head, double* margin = nullptr) {
   const auto m = static_cast<std::int64_t>(key.size());
-  const std::int64_t first = std::min(c.sinks, m), excess = m - budget, end = first + excess;
-  Pass out;
-  for (std::int64_t s = 0; s < m; ++s)
-    if (s < first || s >= end) out.kept.push_back(s);
+  const std::int64_t first = std::min(c.sinks, m), end = first + (m - budget);
+  Pass out{m, first, end, {}};
   if (c.gate == Gate::kNever) return out;  // plain eviction, bit for bit
   const std::int64_t width = c.window > 0 ? c.window : budget - c.sinks;
   // W = the next m kept slots after the evicted block (shared by all its tokens), truncated at the end.
-  const auto w0 = static_cast<std::size_t>(first);
-  const auto w1 = std::min(out.kept.size(), w0 + static_cast<std::size_t>(width));
-  const std::vector<std::int64_t> win(out.kept.begin() + static_cast<std::ptrdiff_t>(w0),
-                                      out.kept.begin() + static_cast<std::ptrdiff_t>(w1));
+  std::vector<std::int64_t> win;
+  for (std::int64_t s = end; s < std::min(m, end + width); ++s) win.push_back(s);
   if (win.empty()) return out;
   const double coef = 1.0 / static_cast<double>(c.rescale ? static_cast<std::int64_t>(win.size()) : width);
   for (std::int64_t e = std::max(first, end - candidates); e < end; ++e) {
     bool merge = c.gate == Gate::kAlways;
     if (!merge) {
-      const double p = prob(e, win, out.kept);
+      const double p = prob(e, win, out);
       const double u = cam_uniform(c.seed, layer, head, key[static_cast<std::size_t>(e)]);
       merge = u < p;
       if (margin) *margin = std::min(*margin, std::abs(u - p));  // p in [0, 1]: scale 1
@@ -91,11 +90,13 @@ Pass evict_pass(const std::vector<std::int64_t>& key, std::int64_t budget, std::
 // when the denominator is below fp32's resolution (a backend may see 0).
 ProbFn abar_prob(const std::vector<std::int64_t>& key, const std::vector<double>& abar, const Config& c,
                  bool* tiny = nullptr) {
-  return [&key, &abar, &c, tiny](std::int64_t e, const std::vector<std::int64_t>& win, const std::vector<std::int64_t>& kept) {
+  return [&key, &abar, &c, tiny](std::int64_t e, const std::vector<std::int64_t>& win, const Pass& pass) {
     auto score = [&](std::int64_t slot) { return abar[static_cast<std::size_t>(key[static_cast<std::size_t>(slot)])]; };
     double mean = 0, max = 0;
     for (std::int64_t s : win) mean += score(s) / static_cast<double>(win.size());
-    for (std::int64_t s : kept) max = std::max(max, score(s));
+    if (c.denominator == Denominator::kMax)
+      for (std::int64_t s = 0; s < pass.m; ++s)
+        if (pass.kept(s)) max = std::max(max, score(s));
     const double denom = c.denominator == Denominator::kMean ? mean : std::max(max, score(e));
     // Below 1e-30 fp32 may see 0 (or a different ratio): p may come out otherwise.
     if (tiny && ((denom > 0 && denom <= 1e-30) || (denom == 0 && score(e) > 0 && score(e) <= 1e-30))) *tiny = true;
@@ -123,7 +124,8 @@ Plan pass_plan(const Pass& pass, const Plan& current) {
     for (std::int64_t t : g.to) gifts[t].emplace_back(g.from, g.coef);
   Plan p;
   p.n = current.slots();
-  for (std::int64_t t : pass.kept) {
+  for (std::int64_t t = 0; t < pass.m; ++t) {
+    if (!pass.kept(t)) continue;
     std::vector<std::int64_t> tok{t};
     std::vector<double> ck{1.0}, cv{1.0};
     for (const auto& [from, coef] : gifts[t]) {
@@ -182,29 +184,21 @@ using StreamProb = std::function<ProbFn(const std::vector<std::int64_t>& key)>;
 
 Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer, int h, const StreamProb& prob,
                  const AttendFn& attend, double* margin) {
-  std::vector<std::int64_t> key;
-  std::vector<ValueRow> rows;  // per slot (its key token at coef_v 1 until it receives)
+  std::vector<std::int64_t> key;  // per slot: its key token
+  std::vector<ValueRow> rows;     // per token: its slot's value (the token at coef_v 1 until it receives)
   ValueRow scratch;
+  const auto row = [&](std::int64_t slot) -> ValueRow& {
+    return rows[static_cast<std::size_t>(key[static_cast<std::size_t>(slot)])];
+  };
   for (std::int64_t t = 0; t < T; ++t) {
     key.push_back(t);
     rows.push_back({{t, 1.0}});
     if (static_cast<std::int64_t>(key.size()) > budget) {
       const Pass pass = evict_pass(key, budget, 1, prob(key), c, layer, h, margin);
       for (const Merge& g : pass.merges)
-        for (std::int64_t to : g.to)
-          add_scaled(rows[static_cast<std::size_t>(to)], rows[static_cast<std::size_t>(g.from)], g.coef, scratch);
-      // Keep the kept slots in place (kept is ascending): no per-step rebuild.
-      std::size_t n = 0;
-      for (std::int64_t s : pass.kept) {
-        const auto from = static_cast<std::size_t>(s);
-        if (from != n) {
-          key[n] = key[from];
-          rows[n] = std::move(rows[from]);
-        }
-        ++n;
-      }
-      key.resize(n);
-      rows.resize(n);
+        for (std::int64_t to : g.to) add_scaled(row(to), row(g.from), g.coef, scratch);
+      for (std::int64_t s = pass.first; s < pass.end; ++s) ValueRow().swap(row(s));  // the evicted rows' memory
+      key.erase(key.begin() + pass.first, key.begin() + pass.end);
     }
     if (attend) attend(t, key);
   }
@@ -214,7 +208,7 @@ Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer
   std::vector<double> ck, cv;
   for (std::size_t s = 0; s < key.size(); ++s) {
     tok.clear(), ck.clear(), cv.clear();
-    for (const auto& [j, w] : rows[s]) {
+    for (const auto& [j, w] : rows[static_cast<std::size_t>(key[s])]) {
       tok.push_back(j);
       ck.push_back(j == key[s] ? 1.0 : 0.0);
       cv.push_back(w);
@@ -346,7 +340,7 @@ CamStream cam_stream(const CamConfig& c, std::int64_t T, std::int64_t budget, in
   CamStream out;
   out.margin = std::numeric_limits<double>::infinity();
   const StreamProb prob = [&](const std::vector<std::int64_t>& key) -> ProbFn {
-    return [&key, &p_by_token](std::int64_t e, const std::vector<std::int64_t>&, const std::vector<std::int64_t>&) {
+    return [&key, &p_by_token](std::int64_t e, const std::vector<std::int64_t>&, const Pass&) {
       return p_by_token[static_cast<std::size_t>(key[static_cast<std::size_t>(e)])];
     };
   };
