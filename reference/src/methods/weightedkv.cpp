@@ -27,9 +27,11 @@ void weightedkv_compress(std::vector<WeightedSlot>& slots, std::int64_t budget, 
     // Victim: lowest average attention outside the sinks and the recent band;
     // slots are in position order, so the strict < keeps the oldest on ties.
     std::int64_t e = -1;
+    double lowest = 0;  // slots[e].average(), divided once
     for (std::int64_t i = 0; i < size - c.recent; ++i) {
       if (sink(i)) continue;
-      if (e < 0 || slots[static_cast<std::size_t>(i)].average() < slots[static_cast<std::size_t>(e)].average()) e = i;
+      const double a = slots[static_cast<std::size_t>(i)].average();
+      if (e < 0 || a < lowest) e = i, lowest = a;
     }
     if (e < 0) throw Error(ErrorKind::kInternal, "weightedkv: no slot may be merged (budget check missed a case)");
     if (min_margin) {  // the victim against the runner-up
