@@ -136,6 +136,54 @@ RC_GTEST_PROP(CaM, KeysUntouchedAndValueHandedOn, ()) {
     }
 }
 
+// The simulated prefill's value rows against the cascade written out as a dense
+// matrix, row per slot and column per token: token t arrives (its own row), the
+// oldest non-sink slot leaves once the cache holds budget + 1, handing coef times
+// its row to each of the next m slots (coef = 1/m, or 1/|W| when rescaled). The
+// same additions in the same order, so every coefficient must match exactly,
+// and a token is in a slot's row exactly where the matrix is non-zero.
+RC_GTEST_PROP(CaM, SimulatedPrefillRowsEqualTheDenseCascade, ()) {
+  const auto T = *rc::gen::inRange<std::int64_t>(1, 48);
+  const auto sinks = *rc::gen::inRange<std::int64_t>(0, 4);
+  const auto budget = *rc::gen::inRange<std::int64_t>(sinks + 1, T + 3);
+  const auto window = *rc::gen::inRange<std::int64_t>(1, 7);
+  const bool rescale = *rc::gen::arbitrary<bool>();
+  const auto L = tests::random_decode_layer(2, 1, T, 0, 4, *rc::gen::arbitrary<std::uint32_t>(), 2.0);
+  const auto m = make("cam:sinks=" + std::to_string(sinks) + ":window=" + std::to_string(window) +
+                      ":gate=always:prefill=simulate:truncated=" + (rescale ? "rescale" : "drop"));
+  const Plan p = m->prefill(L.prefill.input, budget).plans.at(0);
+
+  std::vector<std::int64_t> key;                 // per slot
+  std::vector<std::vector<double>> value;        // per slot, per token
+  for (std::int64_t t = 0; t < T; ++t) {
+    key.push_back(t);
+    value.emplace_back(static_cast<std::size_t>(T), 0.0);
+    value.back()[static_cast<std::size_t>(t)] = 1.0;
+    if (static_cast<std::int64_t>(key.size()) <= budget) continue;
+    const auto e = static_cast<std::size_t>(sinks);
+    const std::size_t w1 = std::min(key.size(), e + 1 + static_cast<std::size_t>(window));
+    const double coef = 1.0 / static_cast<double>(rescale ? static_cast<std::int64_t>(w1 - e - 1) : window);
+    for (std::size_t to = e + 1; to < w1; ++to)
+      for (std::int64_t j = 0; j < T; ++j)
+        if (value[e][static_cast<std::size_t>(j)] != 0.0)
+          value[to][static_cast<std::size_t>(j)] = value[to][static_cast<std::size_t>(j)] + coef * value[e][static_cast<std::size_t>(j)];
+    key.erase(key.begin() + static_cast<std::ptrdiff_t>(e));
+    value.erase(value.begin() + static_cast<std::ptrdiff_t>(e));
+  }
+  RC_ASSERT(keys_of(p) == key);
+  for (std::size_t s = 0; s < key.size(); ++s) {
+    std::vector<double> row(static_cast<std::size_t>(T), 0.0);
+    for (std::int64_t e = p.row_begin(static_cast<std::int64_t>(s)); e < p.row_end(static_cast<std::int64_t>(s)); ++e) {
+      const std::int64_t j = p.token[static_cast<std::size_t>(e)];
+      RC_ASSERT(e == p.row_begin(static_cast<std::int64_t>(s)) || j > p.token[static_cast<std::size_t>(e) - 1]);  // increasing
+      RC_ASSERT(p.coef_k[static_cast<std::size_t>(e)] == (j == key[s] ? 1.0 : 0.0));
+      RC_ASSERT(p.coef_v[static_cast<std::size_t>(e)] != 0.0);
+      row[static_cast<std::size_t>(j)] = p.coef_v[static_cast<std::size_t>(e)];
+    }
+    RC_ASSERT(row == value[s]);
+  }
+}
+
 TEST(CaM, ByHandCascadeHandsMassOnExactly) {
   // T = 10, B = 6, sinks 2, m = 3: the prompt keeps 0 1 6 7 8 9.
   const auto L = tests::random_decode_layer(1, 1, 10, 2, 4, 3);

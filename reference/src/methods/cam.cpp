@@ -148,30 +148,37 @@ void accumulate(std::vector<double>& abar, const std::vector<std::int64_t>& key,
       abar[static_cast<std::size_t>(key[s])] += probs[static_cast<std::size_t>(q)][static_cast<Eigen::Index>(s)] / g;
 }
 
-// A slot's value as a combination of original value rows: (token, coef_v)
-// sorted by token. Flat, because with a narrow window each eviction hands the
-// oldest slot's whole row to its neighbour, so rows grow to O(T) entries and a
-// node-based map made the stream dominate CaM's prefill.
-using ValueRow = std::vector<std::pair<std::int64_t, double>>;
+// A slot's value as a combination of original value rows, dense by age:
+// entry o is the token o places before the slot's own (entry 0), with its
+// coef_v and whether it is in the combination at all (absent entries hold
+// +0). Dense, because the slots next to the eviction point receive each
+// evicted slot's whole row, so their rows span long runs of tokens; merging
+// sorted (token, coef) lists made the stream a sixth of CaM's prefill.
+struct ValueRow {
+  std::vector<double> coef;
+  std::vector<unsigned char> present;
+};
 
-// to[j] += coef * from[j] for every token j of `from` (a sorted merge; scratch is reused).
-void add_scaled(ValueRow& to, const ValueRow& from, double coef, ValueRow& scratch) {
-  scratch.clear();
-  scratch.reserve(to.size() + from.size());
-  auto a = to.cbegin();
-  auto b = from.cbegin();
-  while (a != to.cend() || b != from.cend()) {
-    if (b == from.cend() || (a != to.cend() && a->first < b->first)) {
-      scratch.push_back(*a++);
-    } else if (a == to.cend() || b->first < a->first) {
-      scratch.emplace_back(b->first, 0.0 + coef * b->second);
-      ++b;
-    } else {
-      scratch.emplace_back(a->first, a->second + coef * b->second);
-      ++a, ++b;
-    }
+ValueRow own_row() { return {{1.0}, {1}}; }
+
+// to[j] += coef * from[j] for every token j of `from`, where `to`'s slot holds
+// the token `older` places after `from`'s. An absent entry of `to` holds +0 and
+// an absent one of `from` adds coef * 0 = +0 to a coefficient >= +0: both are
+// the sparse merge's value bit for bit (0 + coef * c_from, or c_to unchanged).
+void add_scaled(ValueRow& to, std::int64_t older, const ValueRow& from, double coef) {
+  const std::size_t shift = static_cast<std::size_t>(older), n = from.coef.size();
+  if (to.coef.size() < n + shift) {
+    to.coef.resize(n + shift, 0.0);
+    to.present.resize(n + shift, 0);
   }
-  to.swap(scratch);
+  // Raw pointers, one array per loop: a char store may alias anything, so
+  // through the vectors every iteration would reload their data pointers.
+  double* tc = to.coef.data() + shift;
+  const double* fc = from.coef.data();
+  for (std::size_t o = 0; o < n; ++o) tc[o] = tc[o] + coef * fc[o];
+  unsigned char* tp = to.present.data() + shift;
+  const unsigned char* fp = from.present.data();
+  for (std::size_t o = 0; o < n; ++o) tp[o] |= fp[o];
 }
 
 // The prompt as a stream (the lm_eval simulation's per-position loop): token t
@@ -186,18 +193,18 @@ Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer
                  const AttendFn& attend, double* margin) {
   std::vector<std::int64_t> key;  // per slot: its key token
   std::vector<ValueRow> rows;     // per token: its slot's value (the token at coef_v 1 until it receives)
-  ValueRow scratch;
   const auto row = [&](std::int64_t slot) -> ValueRow& {
     return rows[static_cast<std::size_t>(key[static_cast<std::size_t>(slot)])];
   };
   for (std::int64_t t = 0; t < T; ++t) {
     key.push_back(t);
-    rows.push_back({{t, 1.0}});
+    rows.push_back(own_row());
     if (static_cast<std::int64_t>(key.size()) > budget) {
       const Pass pass = evict_pass(key, budget, 1, prob(key), c, layer, h, margin);
       for (const Merge& g : pass.merges)
-        for (std::int64_t to : g.to) add_scaled(row(to), row(g.from), g.coef, scratch);
-      for (std::int64_t s = pass.first; s < pass.end; ++s) ValueRow().swap(row(s));  // the evicted rows' memory
+        for (std::int64_t to : g.to)
+          add_scaled(row(to), key[static_cast<std::size_t>(to)] - key[static_cast<std::size_t>(g.from)], row(g.from), g.coef);
+      for (std::int64_t s = pass.first; s < pass.end; ++s) row(s) = ValueRow();  // the evicted rows' memory
       key.erase(key.begin() + pass.first, key.begin() + pass.end);
     }
     if (attend) attend(t, key);
@@ -208,10 +215,12 @@ Plan stream_head(std::int64_t T, std::int64_t budget, const Config& c, int layer
   std::vector<double> ck, cv;
   for (std::size_t s = 0; s < key.size(); ++s) {
     tok.clear(), ck.clear(), cv.clear();
-    for (const auto& [j, w] : rows[static_cast<std::size_t>(key[s])]) {
-      tok.push_back(j);
-      ck.push_back(j == key[s] ? 1.0 : 0.0);
-      cv.push_back(w);
+    const ValueRow& r = rows[static_cast<std::size_t>(key[s])];
+    for (std::size_t o = r.coef.size(); o-- > 0;) {  // oldest token first
+      if (!r.present[o]) continue;
+      tok.push_back(key[s] - static_cast<std::int64_t>(o));
+      ck.push_back(o == 0 ? 1.0 : 0.0);
+      cv.push_back(r.coef[o]);
     }
     p.add_row(tok, ck, cv, key[s], static_cast<std::int64_t>(tok.size()));
   }
