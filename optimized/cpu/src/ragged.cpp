@@ -166,15 +166,22 @@ struct Chunk {
 /// and the G q heads of `qs` (pre-scaled, [G, d]). Under AVX2, two keys by
 /// four heads at a time, converted in registers (detail::qk_4x2); otherwise
 /// (and for an odd last key) each key converted into kbuf first.
+/// The rows of the next block (`ahead`: its K rows, then as many V rows at
+/// `ahead_v`) are hinted two at a time between the products, not in one burst.
 template <class S>
-void block_logits(const float* qs, int G, const S* keys, int n, int d, float* kbuf, float* out /* [G, kBlock] */) {
+void block_logits(const float* qs, int G, const S* keys, int n, int d, float* kbuf, float* out /* [G, kBlock] */,
+                  const S* ahead, const S* ahead_v) {
   int j = 0;
 #if KVSCOPE_CPU_AVX2
   if (d % 8 == 0 && G % 4 == 0)
-    for (; j + 2 <= n; j += 2)
+    for (; j + 2 <= n; j += 2) {
+      const std::size_t two_rows = 2 * static_cast<std::size_t>(d) * sizeof(S);
+      prefetch_block(ahead + static_cast<std::ptrdiff_t>(j) * d, two_rows);
+      prefetch_block(ahead_v + static_cast<std::ptrdiff_t>(j) * d, two_rows);
       for (int h = 0; h < G; h += 4)
         detail::qk_4x2(qs + static_cast<std::ptrdiff_t>(h) * d, keys + static_cast<std::ptrdiff_t>(j) * d,
                        keys + static_cast<std::ptrdiff_t>(j + 1) * d, d, out + h * kBlock + j, kBlock);
+    }
 #endif
   for (; j < n; ++j) {
     load_row(keys + static_cast<std::ptrdiff_t>(j) * d, d, kbuf);
@@ -270,10 +277,7 @@ void attend_chunk(const Chunk& c, const float* qs, int G, int d, const S* k, con
   for (std::int64_t j0 = c.first; j0 < c.last; j0 += kBlock) {
     const int n = static_cast<int>(std::min<std::int64_t>(kBlock, c.last - j0));
     // The next block's rows are on their way while this one computes.
-    const std::size_t block_bytes = static_cast<std::size_t>(kBlock) * d * sizeof(S);
-    prefetch_block(k + (j0 + kBlock) * d, block_bytes);
-    prefetch_block(v + (j0 + kBlock) * d, block_bytes);
-    block_logits(qs, G, k + j0 * d, n, d, kbuf.data(), x.data());
+    block_logits(qs, G, k + j0 * d, n, d, kbuf.data(), x.data(), k + (j0 + kBlock) * d, v + (j0 + kBlock) * d);
     for (int h = 0; h < G; ++h) {
       float* xh = x.data() + h * kBlock;
       if (log_bias != nullptr)

@@ -63,9 +63,11 @@ inline void prefetch(const void* p, std::size_t bytes) {
   for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
 }
 
-/// prefetch() with the low-locality hint (prefetcht2). For a whole block
-/// hinted at once (decode's next 32 K and V rows): with the default hint that
-/// burst of 256 lines was 6-10% slower (docs/performance.md, run 6).
+/// prefetch() with the low-locality hint (prefetcht2), for rows needed a
+/// block later (decode hints the next block's K and V rows two at a time
+/// between its products: 1.2 -> 0.75-0.8 ms against one burst of 256 lines
+/// per block, and 0.9-1.1 ms with the default hint; docs/performance.md,
+/// run 9). The streaming kernels' kPrefetchAhead hints lost 0-20% with it.
 inline void prefetch_block(const void* p, std::size_t bytes) {
   for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 1);
 }
