@@ -56,6 +56,45 @@ void scaled_sq_norms(const float* x, std::int64_t m, int d, float f1, float f2, 
   for (; i < m; ++i) out[i] = scaled_sq_norm(x + i * d, d, f1, f2);
 }
 
+/// dist2[i] = |kp - k_i|^2 for the m fp16 key rows at k, without storing the
+/// differences (fp16 under AVX2, d % 8 == 0; else false and nothing done):
+/// each difference is taken in registers and squared into one eight-lane FMA
+/// chain, four rows at a time, so every value is scaled_sq_norm(kp - k_i, d,
+/// 1, 1)'s bit for bit.
+template <class S>
+bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m, int d, float* dist2) {
+#if KVSCOPE_CPU_AVX2
+  if constexpr (std::is_same_v<S, f16>) {
+    if (d % 8 != 0) return false;
+    std::int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      const S* r = k + i * d;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int c = 0; c < d; c += 8) {
+        const __m256 p = _mm256_loadu_ps(kp + c);
+        for (int u = 0; u < 4; ++u) {
+          const __m256 v = _mm256_sub_ps(p, detail::load8(r + u * d + c));
+          acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
+        }
+      }
+      for (int u = 0; u < 4; ++u) dist2[i + u] = detail::hsum(acc[u]);
+    }
+    for (; i < m; ++i) {
+      const S* r = k + i * d;
+      __m256 acc = _mm256_setzero_ps();
+      for (int c = 0; c < d; c += 8) {
+        const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(kp + c), detail::load8(r + c));
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      dist2[i] = detail::hsum(acc);
+    }
+    return true;
+  }
+#endif
+  (void)kp, (void)k, (void)m, (void)d, (void)dist2;
+  return false;
+}
+
 }  // namespace
 
 void merge_runs(std::int64_t tokens, const char* merge, const float* score, std::vector<std::int64_t>& begin,
@@ -85,35 +124,39 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 #pragma omp for schedule(dynamic, 64)
     for (std::int64_t s = 0; s < runs; ++s) {
       const std::int64_t b = begin[s], e = begin[s + 1], m = e - b;
+      // The stream of key rows kPrefetchAhead ahead, hinted for every run
+      // (one-token runs too, whose rows are not read), so no run starts cold.
+      prefetch(reinterpret_cast<const char*>(k_head + b * d) + kPrefetchAhead, static_cast<std::size_t>(m * d) * sizeof(S));
       if (m == 1) {
         w[b] = 1.0f;
         continue;
       }
-      // The run's differences k_p - k_i, each key row converted once (in
-      // registers under AVX2).
       load_row(k_head + pivot[s] * d, d, kp.data());
-      diff.resize(static_cast<std::size_t>(m * d));
-      for (std::int64_t i = 0; i < m; ++i) {
-        const S* ki = k_head + (b + i) * d;
-        prefetch(reinterpret_cast<const char*>(ki) + kPrefetchAhead, d * sizeof(S));
-        float* di = &diff[static_cast<std::size_t>(i * d)];
-        int c = 0;
+      dist2.resize(static_cast<std::size_t>(m));
+      // Scale exponent ex of the largest difference k_p - k_i: |k_p - k_i|^2
+      // of tiny keys would underflow in fp32 (the reference's double does
+      // not). fp16 needs none: its differences are 0 or >= 2^-24, their
+      // squares and sums stay normal, and a power-of-two scale commutes with
+      // every rounding, so the weights are the same bits without it; its
+      // distances come straight from storage, the differences never stored.
+      int ex = 0;
+      const bool direct = squared_distances_from_storage(kp.data(), k_head + b * d, m, d, dist2.data());
+      if (!direct) {
+        diff.resize(static_cast<std::size_t>(m * d));  // each key row converted once (in registers under AVX2)
+        for (std::int64_t i = 0; i < m; ++i) {
+          const S* ki = k_head + (b + i) * d;
+          float* di = &diff[static_cast<std::size_t>(i * d)];
+          int c = 0;
 #if KVSCOPE_CPU_AVX2
-        for (; c + 8 <= d; c += 8) _mm256_storeu_ps(di + c, _mm256_sub_ps(_mm256_loadu_ps(&kp[static_cast<std::size_t>(c)]), detail::load8(ki + c)));
+          for (; c + 8 <= d; c += 8) _mm256_storeu_ps(di + c, _mm256_sub_ps(_mm256_loadu_ps(&kp[static_cast<std::size_t>(c)]), detail::load8(ki + c)));
 #endif
-        for (; c < d; ++c) di[c] = kp[static_cast<std::size_t>(c)] - to_f32(ki[c]);
+          for (; c < d; ++c) di[c] = kp[static_cast<std::size_t>(c)] - to_f32(ki[c]);
+        }
+        if constexpr (!std::is_same_v<S, f16>) ex = math::scale_exponent(detail::max_abs(diff.data(), static_cast<int>(m * d)));
       }
-      // Scale exponent of the largest difference: |k_p - k_i|^2 of tiny keys
-      // would underflow in fp32 (the reference's double does not). fp16
-      // needs none: its differences are 0 or >= 2^-24, their squares and sums
-      // stay normal, and a power-of-two scale commutes with every rounding, so
-      // the weights are the same bits without it.
-      const int ex =
-          std::is_same_v<S, f16> ? 0 : math::scale_exponent(detail::max_abs(diff.data(), static_cast<int>(m * d)));
       const int h1 = -ex / 2, h2 = -ex - h1;
       const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);  // 2^-ex in two exact steps
-      dist2.resize(static_cast<std::size_t>(m));
-      scaled_sq_norms(diff.data(), m, d, f1, f2, dist2.data());  // |k_p - k_i|^2 * 4^-ex
+      if (!direct) scaled_sq_norms(diff.data(), m, d, f1, f2, dist2.data());  // |k_p - k_i|^2 * 4^-ex
       const float sqrt2m = kSqrt2 * static_cast<float>(m);
       float sig = 0.0f;  // in the scaled units
       switch (mode) {
