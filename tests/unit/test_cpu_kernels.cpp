@@ -171,6 +171,38 @@ TEST(CpuKernels, KeyNormsAndAdjacentCosines) {
   }
 }
 
+// The cosine is scale-free: a key times 2^k (exact) gives the same bits. Each
+// row is brought to [1/2, 1) by a power of two unless that cannot change a
+// bit; the crafted pair below cancels to one tiny product, where rounding in
+// the subnormal range would tell a skipped scale from a taken one.
+TEST(CpuKernels, AdjacentCosinesAreTheSameBitsForKeysScaledByPowersOfTwo) {
+  const int d = 128;
+  const std::int64_t T = 40;
+  for (DType t : {DType::kF32, DType::kBF16}) {
+    Heads k = random_heads(1, T, d, t, 51);
+    // Rows 10, 11: elements 0 and 32 share one FMA lane chain and cancel
+    // (1 * 1 + 1 * -1), then element 64 adds (1.5 * 2^-75)^2, below fp32's
+    // normal range. Row 20: unit-sized with one tiny entry.
+    for (std::int64_t r : {10, 11, 20})
+      for (int c = 0; c < d; ++c) k.storage.set(r * d + c, 0.0f);
+    k.storage.set(10 * d + 0, 1.0f), k.storage.set(10 * d + 32, 1.0f), k.storage.set(10 * d + 64, 0x1.8p-75f);
+    k.storage.set(11 * d + 0, 1.0f), k.storage.set(11 * d + 32, -1.0f), k.storage.set(11 * d + 64, 0x1.8p-75f);
+    for (int c = 0; c < d; ++c) k.storage.set(20 * d + c, c % 3 == 0 ? 0.75f : -0.5f);
+    k.storage.set(20 * d + 5, 0x1p-70f);
+    const opt::cpu::LayerShape s{1, 1, d, T};
+    std::vector<float> want(static_cast<std::size_t>(T - 1));
+    with_storage(k.storage, [&](const auto* kp) { opt::cpu::adjacent_key_cosine(s, kp, want.data()); });
+    for (int p : {-20, 3, 20}) {
+      opt::StorageBuffer scaled(t, T * d);
+      for (std::int64_t i = 0; i < T * d; ++i) scaled.set(i, std::ldexp(k.storage.get(i), p));
+      std::vector<float> got(want.size());
+      with_storage(scaled, [&](const auto* kp) { opt::cpu::adjacent_key_cosine(s, kp, got.data()); });
+      SCOPED_TRACE(std::string(dtype_name(t)) + " keys times 2^" + std::to_string(p));
+      expect_same_bits(got, want);
+    }
+  }
+}
+
 TEST(CpuKernels, PoolingFollowsTorchEdgesIncludingKernelLongerThanInput) {
   std::mt19937_64 rng(8);
   std::normal_distribution<double> g;

@@ -130,4 +130,33 @@ inline float max_abs(const float* x, int n) {
   return m;
 }
 
+/// max |x| over n floats, and in `lo` the least non-zero |x| (+inf when every
+/// x is 0). NaNs may or may not count.
+inline float abs_range(const float* x, int n, float& lo) {
+  int i = 0;
+  float hi = 0.0f;
+  lo = INFINITY;
+#if KVSCOPE_CPU_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY), zero = _mm256_setzero_ps();
+  __m256 h[2] = {zero, zero}, l[2] = {inf, inf};
+  for (; i + 16 <= n; i += 16)
+    for (int u = 0; u < 2; ++u) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i + 8 * u));
+      h[u] = _mm256_max_ps(h[u], a);
+      l[u] = _mm256_min_ps(l[u], _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, zero, _CMP_EQ_OQ)));
+    }
+  hi = hmax(_mm256_max_ps(h[0], h[1]));
+  const __m256 lm = _mm256_min_ps(l[0], l[1]);
+  __m128 q = _mm_min_ps(_mm256_castps256_ps128(lm), _mm256_extractf128_ps(lm, 1));
+  q = _mm_min_ps(q, _mm_movehl_ps(q, q));
+  lo = _mm_cvtss_f32(_mm_min_ss(q, _mm_movehdup_ps(q)));
+#endif
+  for (; i < n; ++i) {
+    const float a = std::abs(x[i]);
+    hi = std::max(hi, a);
+    if (a != 0.0f) lo = std::min(lo, a);
+  }
+  return hi;
+}
+
 }  // namespace kvscope::opt::cpu::detail
