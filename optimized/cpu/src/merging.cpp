@@ -56,43 +56,71 @@ void scaled_sq_norms(const float* x, std::int64_t m, int d, float f1, float f2, 
   for (; i < m; ++i) out[i] = scaled_sq_norm(x + i * d, d, f1, f2);
 }
 
-/// dist2[i] = |kp - k_i|^2 for the m fp16 key rows at k, without storing the
-/// differences (fp16 under AVX2, d % 8 == 0; else false and nothing done):
-/// each difference is taken in registers and squared into one eight-lane FMA
-/// chain, four rows at a time, so every value is scaled_sq_norm(kp - k_i, d,
-/// 1, 1)'s bit for bit.
-template <class S>
-bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m, int d, float* dist2) {
 #if KVSCOPE_CPU_AVX2
-  if constexpr (std::is_same_v<S, f16>) {
-    if (d % 8 != 0) return false;
-    std::int64_t i = 0;
-    for (; i + 4 <= m; i += 4) {
-      const S* r = k + i * d;
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int c = 0; c < d; c += 8) {
-        const __m256 p = _mm256_loadu_ps(kp + c);
-        for (int u = 0; u < 4; ++u) {
-          const __m256 v = _mm256_sub_ps(p, detail::load8(r + u * d + c));
-          acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
-        }
+/// The eight-lane difference kp - k_i of columns [c, c + 8) of a storage row,
+/// times 2^h1 * 2^h2 when scaled (in scaled_sq_norm's order).
+template <bool kScaled, class S>
+__m256 scaled_difference(const float* kp, const S* row, int c, __m256 g1, __m256 g2) {
+  const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(kp + c), detail::load8(row + c));
+  if constexpr (kScaled) return _mm256_mul_ps(_mm256_mul_ps(v, g1), g2);
+  return v;
+}
+
+/// dist2[i] = scaled_sq_norm(kp - k_i, d, f1, f2) for the m rows of storage
+/// at k, the differences taken in registers (never stored), four rows at a
+/// time: each row one eight-lane FMA chain, so the same bits.
+template <bool kScaled, class S>
+void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, float f1, float f2, float* dist2) {
+  const __m256 g1 = _mm256_set1_ps(f1), g2 = _mm256_set1_ps(f2);
+  std::int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const S* r = k + i * d;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int c = 0; c < d; c += 8)
+      for (int u = 0; u < 4; ++u) {
+        const __m256 v = scaled_difference<kScaled>(kp, r + u * d, c, g1, g2);
+        acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
       }
-      for (int u = 0; u < 4; ++u) dist2[i + u] = detail::hsum(acc[u]);
-    }
-    for (; i < m; ++i) {
-      const S* r = k + i * d;
-      __m256 acc = _mm256_setzero_ps();
-      for (int c = 0; c < d; c += 8) {
-        const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(kp + c), detail::load8(r + c));
-        acc = _mm256_fmadd_ps(v, v, acc);
-      }
-      dist2[i] = detail::hsum(acc);
-    }
-    return true;
+    for (int u = 0; u < 4; ++u) dist2[i + u] = detail::hsum(acc[u]);
   }
+  for (; i < m; ++i) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) {
+      const __m256 v = scaled_difference<kScaled>(kp, k + i * d, c, g1, g2);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    dist2[i] = detail::hsum(acc);
+  }
+}
 #endif
+
+/// dist2[i] = |kp - k_i|^2 * 4^-ex for the m key rows of storage at k, with
+/// `ex` the scale exponent of the largest |difference| (0 for fp16, see the
+/// caller), the differences never stored: fp16 in one pass, bf16 and fp32 in
+/// two over the run's rows (its largest difference, then the scaled squares).
+/// Under AVX2 with d % 8 == 0; else false and nothing done.
+template <class S>
+bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m, int d, float* dist2, int& ex) {
+  ex = 0;
+#if KVSCOPE_CPU_AVX2
+  if (d % 8 != 0) return false;
+  if constexpr (std::is_same_v<S, f16>) {
+    scaled_sq_distances<false>(kp, k, m, d, 1.0f, 1.0f, dist2);
+  } else {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    __m256 hi = _mm256_setzero_ps();
+    for (std::int64_t i = 0; i < m; ++i)
+      for (int c = 0; c < d; c += 8)
+        hi = _mm256_max_ps(hi, _mm256_andnot_ps(sign, scaled_difference<false>(kp, k + i * d, c, one, one)));
+    ex = math::scale_exponent(detail::hmax(hi));
+    const int h1 = -ex / 2, h2 = -ex - h1;
+    scaled_sq_distances<true>(kp, k, m, d, std::ldexp(1.0f, h1), std::ldexp(1.0f, h2), dist2);
+  }
+  return true;
+#else
   (void)kp, (void)k, (void)m, (void)d, (void)dist2;
   return false;
+#endif
 }
 
 }  // namespace
@@ -140,18 +168,12 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
       // every rounding, so the weights are the same bits without it; its
       // distances come straight from storage, the differences never stored.
       int ex = 0;
-      const bool direct = squared_distances_from_storage(kp.data(), k_head + b * d, m, d, dist2.data());
+      const bool direct = squared_distances_from_storage(kp.data(), k_head + b * d, m, d, dist2.data(), ex);
       if (!direct) {
-        diff.resize(static_cast<std::size_t>(m * d));  // each key row converted once (in registers under AVX2)
-        for (std::int64_t i = 0; i < m; ++i) {
-          const S* ki = k_head + (b + i) * d;
-          float* di = &diff[static_cast<std::size_t>(i * d)];
-          int c = 0;
-#if KVSCOPE_CPU_AVX2
-          for (; c + 8 <= d; c += 8) _mm256_storeu_ps(di + c, _mm256_sub_ps(_mm256_loadu_ps(&kp[static_cast<std::size_t>(c)]), detail::load8(ki + c)));
-#endif
-          for (; c < d; ++c) di[c] = kp[static_cast<std::size_t>(c)] - to_f32(ki[c]);
-        }
+        diff.resize(static_cast<std::size_t>(m * d));  // each key row converted once
+        for (std::int64_t i = 0; i < m; ++i)
+          for (int c = 0; c < d; ++c)
+            diff[static_cast<std::size_t>(i * d + c)] = kp[static_cast<std::size_t>(c)] - to_f32(k_head[(b + i) * d + c]);
         if constexpr (!std::is_same_v<S, f16>) ex = math::scale_exponent(detail::max_abs(diff.data(), static_cast<int>(m * d)));
       }
       const int h1 = -ex / 2, h2 = -ex - h1;
