@@ -92,12 +92,34 @@ void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, flo
     dist2[i] = detail::hsum(acc);
   }
 }
+
+/// scaled_sq_distances<false> that also returns the largest |difference| and
+/// the least non-zero one (+inf when every difference is 0).
+template <class S>
+void sq_distances_and_range(const float* kp, const S* k, std::int64_t m, int d, float* dist2, float& hi, float& lo) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps(), inf = _mm256_set1_ps(INFINITY), one = _mm256_set1_ps(1.0f);
+  __m256 h = zero, l = inf;
+  for (std::int64_t i = 0; i < m; ++i) {
+    __m256 acc = zero;
+    for (int c = 0; c < d; c += 8) {
+      const __m256 v = scaled_difference<false>(kp, k + i * d, c, one, one), a = _mm256_andnot_ps(sign, v);
+      acc = _mm256_fmadd_ps(v, v, acc);
+      h = _mm256_max_ps(h, a);
+      l = _mm256_min_ps(l, _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, zero, _CMP_EQ_OQ)));
+    }
+    dist2[i] = detail::hsum(acc);
+  }
+  hi = detail::hmax(h);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, l);
+  lo = *std::min_element(lanes, lanes + 8);
+}
 #endif
 
 /// dist2[i] = |kp - k_i|^2 * 4^-ex for the m key rows of storage at k, with
 /// `ex` the scale exponent of the largest |difference| (0 for fp16, see the
 /// caller), the differences never stored: fp16 in one pass, bf16 and fp32 in
-/// two over the run's rows (its largest difference, then the scaled squares).
+/// one or two over the run's rows (below).
 /// Under AVX2 with d % 8 == 0; else false and nothing done.
 template <class S>
 bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m, int d, float* dist2, int& ex) {
@@ -107,14 +129,23 @@ bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m,
   if constexpr (std::is_same_v<S, f16>) {
     scaled_sq_distances<false>(kp, k, m, d, 1.0f, 1.0f, dist2);
   } else {
-    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-    __m256 hi = _mm256_setzero_ps();
-    for (std::int64_t i = 0; i < m; ++i)
-      for (int c = 0; c < d; c += 8)
-        hi = _mm256_max_ps(hi, _mm256_andnot_ps(sign, scaled_difference<false>(kp, k + i * d, c, one, one)));
-    ex = math::scale_exponent(detail::hmax(hi));
+    // One pass in the common case: the unscaled squares and the range of
+    // the differences. With ex in [-7, 7] and every non-zero |difference| >=
+    // 2^-40, each square is a multiple of 2^-126 and every sum exact below
+    // fp32's normal range, scaled by up to 2^14 or not, and nothing
+    // overflows: the scaled distances are then the unscaled ones times
+    // 4^-ex, bit for bit. Otherwise the scaled squares in a second pass.
+    float hi = 0.0f, lo = 0.0f;
+    sq_distances_and_range(kp, k, m, d, dist2, hi, lo);
+    ex = math::scale_exponent(hi);
+    if (ex == 0) return true;
+    if (ex >= -7 && ex <= 7 && lo >= 0x1p-40f) {
+      const float unscale = detail::pow2(-2 * ex);  // exact: no distance is subnormal
+      for (std::int64_t i = 0; i < m; ++i) dist2[i] *= unscale;
+      return true;
+    }
     const int h1 = -ex / 2, h2 = -ex - h1;
-    scaled_sq_distances<true>(kp, k, m, d, std::ldexp(1.0f, h1), std::ldexp(1.0f, h2), dist2);
+    scaled_sq_distances<true>(kp, k, m, d, detail::pow2(h1), detail::pow2(h2), dist2);
   }
   return true;
 #else
@@ -177,7 +208,7 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
         if constexpr (!std::is_same_v<S, f16>) ex = math::scale_exponent(detail::max_abs(diff.data(), static_cast<int>(m * d)));
       }
       const int h1 = -ex / 2, h2 = -ex - h1;
-      const float f1 = std::ldexp(1.0f, h1), f2 = std::ldexp(1.0f, h2);  // 2^-ex in two exact steps
+      const float f1 = detail::pow2(h1), f2 = detail::pow2(h2);  // 2^-ex in two exact steps (|h| <= 74)
       if (!direct) scaled_sq_norms(diff.data(), m, d, f1, f2, dist2.data());  // |k_p - k_i|^2 * 4^-ex
       const float sqrt2m = kSqrt2 * static_cast<float>(m);
       float sig = 0.0f;  // in the scaled units

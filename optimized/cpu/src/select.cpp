@@ -111,17 +111,6 @@ void top_k(const float* scores, std::span<const std::int64_t> candidates, std::i
 
 namespace {
 
-/// 2^h for the half exponents |h| <= 74 that scale_exponent's range needs
-/// (frexpf exponents -148..128), so each row costs no ldexp call.
-float pow2(int h) {
-  static const std::array<float, 149> table = [] {
-    std::array<float, 149> t{};
-    for (int i = 0; i < 149; ++i) t[static_cast<std::size_t>(i)] = std::ldexp(1.0f, i - 74);
-    return t;
-  }();
-  return table[static_cast<std::size_t>(h + 74)];
-}
-
 /// a . b and b . b in one pass over d floats. Under AVX2 (d % 32 == 0) each
 /// is four eight-lane FMA chains summed in a fixed order: one chain per dot
 /// left the cosine kernel compute-bound at a quarter of the copy bandwidth.
@@ -173,7 +162,7 @@ void load_scaled(const S* src, int d, float* row) {
   const int e = math::scale_exponent(detail::abs_range(row, d, lo));
   if (e != 0 && (e < -7 || e > 7 || lo < kExactFloor)) {
     const int h1 = -e / 2;
-    const float f1 = pow2(h1), f2 = pow2(-e - h1);
+    const float f1 = detail::pow2(h1), f2 = detail::pow2(-e - h1);  // |h| <= 74
 #pragma omp simd
     for (int i = 0; i < d; ++i) row[i] = row[i] * f1 * f2;
   }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 
@@ -129,6 +130,10 @@ inline float max_abs(const float* x, int n) {
   for (; i < n; ++i) m = std::max(m, std::abs(x[i]));
   return m;
 }
+
+/// 2^h for a normal exponent, h in [-126, 127], built from its bits (no
+/// ldexp call: the scaled kernels take one or two per row or run).
+inline float pow2(int h) { return std::bit_cast<float>(static_cast<std::uint32_t>(127 + h) << 23); }
 
 /// max |x| over n floats, and in `lo` the least non-zero |x| (+inf when every
 /// x is 0). NaNs may or may not count.
