@@ -453,6 +453,48 @@ TEST(CpuKernels, GaussianMergeWeightsMatchKVMergerWeightsInEveryMode) {
     }
 }
 
+// With sigma the mean distance, the weights are scale-free: keys times 2^k
+// (exact) give the same bits (the literal sigma is bounded by 1/sqrt 2 in
+// absolute units, so it is not). Each run's distances
+// are brought to one scale by a power of two, in one pass or two (the exact
+// range shortcut); d = 128 and runs of 2..9 keys reach both row tiles.
+TEST(CpuKernels, GaussianWeightsAreTheSameBitsForKeysScaledByPowersOfTwo) {
+  const int d = 128;
+  const std::int64_t T = 300;
+  std::mt19937_64 rng(52);
+  std::vector<std::int64_t> begin{0}, pivot;
+  while (begin.back() < T) {
+    const std::int64_t e = std::min(T, begin.back() + 1 + static_cast<std::int64_t>(rng() % 9));
+    pivot.push_back(begin.back() + static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(e - begin.back())));
+    begin.push_back(e);
+  }
+  const auto runs = static_cast<std::int64_t>(pivot.size());
+  const auto mode = opt::cpu::SigmaMode::kMeanDistance;
+  for (DType t : {DType::kF32, DType::kBF16}) {
+    Heads k = random_heads(1, T, d, t, 53);
+    // Runs at other scales: one near 2^20, one near 2^-30 (both past the
+    // one-pass range), the rest unit-sized.
+    for (std::int64_t r = 0; r < T; ++r) {
+      const int p = r < 40 ? 20 : r < 80 ? -30 : 0;
+      for (int c = 0; c < d; ++c) k.storage.set(r * d + c, std::ldexp(k.storage.get(r * d + c), p));
+    }
+    std::vector<float> want(static_cast<std::size_t>(T));
+    with_storage(k.storage, [&](const auto* kp) {
+      opt::cpu::gaussian_merge_weights(kp, T, d, begin.data(), pivot.data(), runs, mode, 0.0f, want.data());
+    });
+    for (int p : {-20, 3, 20}) {
+      opt::StorageBuffer scaled(t, T * d);
+      for (std::int64_t i = 0; i < T * d; ++i) scaled.set(i, std::ldexp(k.storage.get(i), p));
+      std::vector<float> got(want.size());
+      with_storage(scaled, [&](const auto* kp) {
+        opt::cpu::gaussian_merge_weights(kp, T, d, begin.data(), pivot.data(), runs, mode, 0.0f, got.data());
+      });
+      SCOPED_TRACE(std::string(dtype_name(t)) + " keys times 2^" + std::to_string(p));
+      expect_same_bits(got, want);
+    }
+  }
+}
+
 TEST(CpuKernels, GroupBlockLogitsThenSlotSoftmaxIsTheGroupsSoftmaxOverTheSlots) {
   const std::int64_t T = 40;
   const int d = 32, hq = 6, hkv = 2;
