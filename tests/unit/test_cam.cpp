@@ -175,7 +175,9 @@ RC_GTEST_PROP(CaM, SimulatedPrefillRowsEqualTheDenseCascade, ()) {
     std::vector<double> row(static_cast<std::size_t>(T), 0.0);
     for (std::int64_t e = p.row_begin(static_cast<std::int64_t>(s)); e < p.row_end(static_cast<std::int64_t>(s)); ++e) {
       const std::int64_t j = p.token[static_cast<std::size_t>(e)];
-      RC_ASSERT(e == p.row_begin(static_cast<std::int64_t>(s)) || j > p.token[static_cast<std::size_t>(e) - 1]);  // increasing
+      // RC_ASSERT's expression capture would evaluate both sides of an ||.
+      const bool increasing = e == p.row_begin(static_cast<std::int64_t>(s)) || j > p.token[static_cast<std::size_t>(e) - 1];
+      RC_ASSERT(increasing);
       RC_ASSERT(p.coef_k[static_cast<std::size_t>(e)] == (j == key[s] ? 1.0 : 0.0));
       RC_ASSERT(p.coef_v[static_cast<std::size_t>(e)] != 0.0);
       row[static_cast<std::size_t>(j)] = p.coef_v[static_cast<std::size_t>(e)];

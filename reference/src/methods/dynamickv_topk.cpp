@@ -62,7 +62,7 @@ DynamicKVPrefixTopK<V>::DynamicKVPrefixTopK(std::vector<std::span<const V>> laye
     }
     for (std::size_t b = 0; b < kBuckets; ++b) before[b + 1] += before[b];
     std::copy(before, before + kBuckets, next.begin());  // a counting sort, stable in the index
-    std::uint32_t* out = &by_bucket_[static_cast<std::size_t>(l * per_layer_)];
+    std::uint32_t* out = by_bucket_.data() + l * per_layer_;  // (empty layers: no element to index)
     for (std::int64_t i = 0; i < per_layer_; ++i)
       out[next[bucket[static_cast<std::size_t>(i)]]++] = static_cast<std::uint32_t>(i);
   }
