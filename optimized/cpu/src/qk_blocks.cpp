@@ -1,6 +1,5 @@
 #include "qk_blocks.hpp"
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <vector>
 
@@ -106,21 +105,6 @@ void qkt_rest(std::int64_t rows, const float* Q, int d, const float* Kt, std::in
       qkt_rest<MR - 1>(rows, Q, d, Kt, n, logits, ld);
   }
 }
-#else
-/// logits = Q . K^T by Eigen's GEMM kernel, called directly (its size
-/// heuristics would switch to address-dependent loops for small shapes).
-void eigen_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
-  namespace ei = Eigen::internal;
-  using Index = Eigen::Index;
-  for (std::int64_t r = 0; r < R; ++r) std::fill(logits + r * ld, logits + r * ld + n, 0.0f);
-  if (d == 0) return;
-  // C (row-major, stride ld) += Q (row-major, stride d) . K^T (K^T is column-major with stride d).
-  ei::gemm_blocking_space<Eigen::RowMajor, float, float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic, 1, false> blocking(
-      static_cast<Index>(R), static_cast<Index>(n), static_cast<Index>(d), 1, true);
-  ei::general_matrix_matrix_product<Index, float, Eigen::RowMajor, false, float, Eigen::ColMajor, false, Eigen::RowMajor,
-                                    1>::run(static_cast<Index>(R), static_cast<Index>(n), static_cast<Index>(d), Q, d, K,
-                                            d, logits, 1, static_cast<Index>(ld), 1.0f, blocking);
-}
 #endif
 
 }  // namespace
@@ -138,7 +122,12 @@ void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, in
     qkt_rest(R - r, Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
   }
 #else
-  eigen_qkt(Q, R, K, n, d, logits, ld);
+  // Without AVX2, one dot8 per logit: a function of its query and key only.
+  // (Eigen's GEMM kernel, used here before, gave a row in a full register
+  // block other bits than in a remainder block: the logits depended on the
+  // block layout, CpuKernels.GroupBlockLogitsDependOnlyOnTheirQueryAndKey.)
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t j = 0; j < n; ++j) logits[r * ld + j] = dot8(Q + r * d, K + j * d, d);
 #endif
 }
 

@@ -3,8 +3,7 @@
 // vectorised softmax. Every result is a function of the values only, never of
 // buffer addresses, tile positions or thread counts: under AVX2 each logit is
 // one FMA chain over d in order (an outer-product register tile over keys
-// transposed 16 at a time; without AVX2, Eigen's GEMM kernel called directly,
-// as its size heuristics would switch to address-dependent loops), exp goes
+// transposed 16 at a time; without AVX2, one dot8 per logit), exp goes
 // through glibc's vector expf lane by lane, and the max and sum use eight
 // fixed accumulators.
 #pragma once

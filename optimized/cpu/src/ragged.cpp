@@ -167,7 +167,8 @@ struct Chunk {
 /// four heads at a time, converted in registers (detail::qk_4x2); otherwise
 /// (and for an odd last key) each key converted into kbuf first.
 /// The rows of the next block (`ahead`: its K rows, then as many V rows at
-/// `ahead_v`) are hinted two at a time between the products, not in one burst.
+/// `ahead_v`) are hinted as the keys go (two at a time between the products),
+/// not in one burst.
 template <class S>
 void block_logits(const float* qs, int G, const S* keys, int n, int d, float* kbuf, float* out /* [G, kBlock] */,
                   const S* ahead, const S* ahead_v) {
@@ -184,6 +185,9 @@ void block_logits(const float* qs, int G, const S* keys, int n, int d, float* kb
     }
 #endif
   for (; j < n; ++j) {
+    const std::size_t row = static_cast<std::size_t>(d) * sizeof(S);
+    prefetch_block(ahead + static_cast<std::ptrdiff_t>(j) * d, row);
+    prefetch_block(ahead_v + static_cast<std::ptrdiff_t>(j) * d, row);
     load_row(keys + static_cast<std::ptrdiff_t>(j) * d, d, kbuf);
     for (int h = 0; h < G; ++h) out[h * kBlock + j] = detail::dot8(qs + static_cast<std::ptrdiff_t>(h) * d, kbuf, d);
   }
