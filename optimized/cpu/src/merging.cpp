@@ -97,22 +97,19 @@ void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, flo
 /// the least non-zero one (+inf when every difference is 0).
 template <class S>
 void sq_distances_and_range(const float* kp, const S* k, std::int64_t m, int d, float* dist2, float& hi, float& lo) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps(), inf = _mm256_set1_ps(INFINITY), one = _mm256_set1_ps(1.0f);
-  __m256 h = zero, l = inf;
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  __m256 h = _mm256_setzero_ps(), l = _mm256_set1_ps(INFINITY);
   for (std::int64_t i = 0; i < m; ++i) {
-    __m256 acc = zero;
+    __m256 acc = _mm256_setzero_ps();
     for (int c = 0; c < d; c += 8) {
-      const __m256 v = scaled_difference<false>(kp, k + i * d, c, one, one), a = _mm256_andnot_ps(sign, v);
+      const __m256 v = scaled_difference<false>(kp, k + i * d, c, one, one);
       acc = _mm256_fmadd_ps(v, v, acc);
-      h = _mm256_max_ps(h, a);
-      l = _mm256_min_ps(l, _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, zero, _CMP_EQ_OQ)));
+      detail::track_abs_range(_mm256_andnot_ps(sign, v), h, l);
     }
     dist2[i] = detail::hsum(acc);
   }
   hi = detail::hmax(h);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, l);
-  lo = *std::min_element(lanes, lanes + 8);
+  lo = detail::hmin(l);
 }
 #endif
 
@@ -130,16 +127,13 @@ bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m,
     scaled_sq_distances<false>(kp, k, m, d, 1.0f, 1.0f, dist2);
   } else {
     // One pass in the common case: the unscaled squares and the range of
-    // the differences. With ex in [-7, 7] and every non-zero |difference| >=
-    // 2^-40, each square is a multiple of 2^-126 and every sum exact below
-    // fp32's normal range, scaled by up to 2^14 or not, and nothing
-    // overflows: the scaled distances are then the unscaled ones times
-    // 4^-ex, bit for bit. Otherwise the scaled squares in a second pass.
+    // the differences (fp32 numbers, so the fp32 floor). Where the scale
+    // changes no bit, the scaled distances are the unscaled ones times
+    // 4^-ex, bit for bit; otherwise the scaled squares in a second pass.
     float hi = 0.0f, lo = 0.0f;
     sq_distances_and_range(kp, k, m, d, dist2, hi, lo);
     ex = math::scale_exponent(hi);
-    if (ex == 0) return true;
-    if (ex >= -7 && ex <= 7 && lo >= 0x1p-40f) {
+    if (detail::rescale_changes_no_bit(ex, lo, 0x1p-40f)) {
       const float unscale = detail::pow2(-2 * ex);  // exact: no distance is subnormal
       for (std::int64_t i = 0; i < m; ++i) dist2[i] *= unscale;
       return true;

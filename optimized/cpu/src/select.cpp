@@ -151,16 +151,12 @@ void load_scaled(const S* src, int d, float* row) {
   // <= 2^39) stay normal in fp32, where a power-of-two scale commutes with
   // every rounding. The cosine is then the same bits with or without it.
   if constexpr (std::is_same_v<S, f16>) return;
-  // Nor does a row whose scale is within 2^+-7 and whose non-zero entries
-  // are all >= 2^-60 (bf16) or 2^-40 (fp32): every exact product is then a
-  // multiple of 2^-134 (2^-126), every sum stays exact below 2^-126, and
-  // with the scale below 2^14 nothing overflows, scaled (by up to 2^+-14 per
-  // product) or not, so both give the cosine's same bits. Typical keys pass
-  // and skip a pass over the row.
+  // Nor does a row whose scale changes no bit (typical keys: they skip a
+  // pass over the row).
   constexpr float kExactFloor = std::is_same_v<S, bf16> ? 0x1p-60f : 0x1p-40f;
   float lo = 0.0f;
   const int e = math::scale_exponent(detail::abs_range(row, d, lo));
-  if (e != 0 && (e < -7 || e > 7 || lo < kExactFloor)) {
+  if (!detail::rescale_changes_no_bit(e, lo, kExactFloor)) {
     const int h1 = -e / 2;
     const float f1 = detail::pow2(h1), f2 = detail::pow2(-e - h1);  // |h| <= 74
 #pragma omp simd

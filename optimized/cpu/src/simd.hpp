@@ -93,6 +93,21 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
+/// The smallest of the eight lanes.
+inline float hmin(__m256 v) {
+  __m128 h = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_min_ss(h, _mm_movehdup_ps(h)));
+}
+
+/// Folds eight |x| into lane-wise running maxima `hi` and least non-zero
+/// values `lo` (start them at 0 and +inf; abs_range's lanes).
+inline void track_abs_range(__m256 a, __m256& hi, __m256& lo) {
+  const __m256 zero = _mm256_setzero_ps();
+  hi = _mm256_max_ps(hi, a);
+  lo = _mm256_min_ps(lo, _mm256_blendv_ps(a, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(a, zero, _CMP_EQ_OQ)));
+}
+
 }  // namespace kvscope::opt::cpu::detail
 #endif
 
@@ -135,6 +150,16 @@ inline float max_abs(const float* x, int n) {
 /// ldexp call: the scaled kernels take one or two per row or run).
 inline float pow2(int h) { return std::bit_cast<float>(static_cast<std::uint32_t>(127 + h) << 23); }
 
+/// Whether rescaling a row (or a run of rows) by 2^-e, e the scale exponent
+/// of its largest |entry|, changes no bit of the sums of products formed from
+/// it, given lo, its least non-zero |entry|, and `floor`, a bound that makes
+/// every exact product a multiple of 2^-134 or coarser (2^-60 for 8-bit
+/// significands such as bf16's, 2^-40 for fp32's 24 bits). With e in [-7, 7]
+/// nothing overflows and a product moves by at most 2^14, so every sum below
+/// fp32's normal range stays exact either way, and a power-of-two scale
+/// commutes with every other rounding: the results scale exactly.
+inline bool rescale_changes_no_bit(int e, float lo, float floor) { return e == 0 || (e >= -7 && e <= 7 && lo >= floor); }
+
 /// max |x| over n floats, and in `lo` the least non-zero |x| (+inf when every
 /// x is 0). NaNs may or may not count.
 inline float abs_range(const float* x, int n, float& lo) {
@@ -145,16 +170,9 @@ inline float abs_range(const float* x, int n, float& lo) {
   const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY), zero = _mm256_setzero_ps();
   __m256 h[2] = {zero, zero}, l[2] = {inf, inf};
   for (; i + 16 <= n; i += 16)
-    for (int u = 0; u < 2; ++u) {
-      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i + 8 * u));
-      h[u] = _mm256_max_ps(h[u], a);
-      l[u] = _mm256_min_ps(l[u], _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, zero, _CMP_EQ_OQ)));
-    }
+    for (int u = 0; u < 2; ++u) track_abs_range(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i + 8 * u)), h[u], l[u]);
   hi = hmax(_mm256_max_ps(h[0], h[1]));
-  const __m256 lm = _mm256_min_ps(l[0], l[1]);
-  __m128 q = _mm_min_ps(_mm256_castps256_ps128(lm), _mm256_extractf128_ps(lm, 1));
-  q = _mm_min_ps(q, _mm_movehl_ps(q, q));
-  lo = _mm_cvtss_f32(_mm_min_ss(q, _mm_movehdup_ps(q)));
+  lo = hmin(_mm256_min_ps(l[0], l[1]));
 #endif
   for (; i < n; ++i) {
     const float a = std::abs(x[i]);
