@@ -32,10 +32,12 @@ constexpr int kTileRows = 12;
 constexpr int kTileRows = 6;
 #endif
 
-/// out[c * 8 + v] = in[v * ld + c] for an 8 x 8 block.
-inline void transpose8(const float* in, std::int64_t ld, float* out, std::int64_t out_ld) {
+/// out[c * 8 + v] = in[v * ld + c] for an 8 x 8 block of storage, as fp32
+/// (converted in registers, exact).
+template <class S>
+inline void transpose8(const S* in, std::int64_t ld, float* out, std::int64_t out_ld) {
   __m256 r[8], t[8];
-  for (int v = 0; v < 8; ++v) r[v] = _mm256_loadu_ps(in + v * ld);
+  for (int v = 0; v < 8; ++v) r[v] = load8(in + v * ld);
   for (int p = 0; p < 4; ++p) {
     t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
     t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
@@ -52,15 +54,16 @@ inline void transpose8(const float* in, std::int64_t ld, float* out, std::int64_
   }
 }
 
-/// Kt[c * 16 + v] = K[v, c] for the tile's n <= 16 keys (missing keys 0).
-void transpose_tile(const float* K, std::int64_t n, int d, float* Kt) {
+/// Kt[c * 16 + v] = K[v, c] as fp32 for the tile's n <= 16 keys (missing keys 0).
+template <class S>
+void transpose_tile(const S* K, std::int64_t n, int d, float* Kt) {
   if (n == kTileKeys && d % 8 == 0) {
     for (int c = 0; c < d; c += 8)
       for (int h = 0; h < 2; ++h) transpose8(K + h * 8 * d + c, d, Kt + c * kTileKeys + h * 8, kTileKeys);
     return;
   }
   for (int c = 0; c < d; ++c)
-    for (int v = 0; v < kTileKeys; ++v) Kt[c * kTileKeys + v] = v < n ? K[v * d + c] : 0.0f;
+    for (int v = 0; v < kTileKeys; ++v) Kt[c * kTileKeys + v] = v < n ? to_f32(K[v * d + c]) : 0.0f;
 }
 
 /// logits[MR, n <= 16] of MR query rows against one transposed key tile: each
@@ -109,16 +112,34 @@ void qkt_rest(std::int64_t rows, const float* Q, int d, const float* Kt, std::in
 
 }  // namespace
 
-void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
+template <class S>
+void gemm_qkt(const float* Q, std::int64_t R, const S* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
   if (R == 0 || n == 0) return;
 #if KVSCOPE_CPU_AVX2
-  // Key tiles outside (transposed once, kept in L1), query rows inside.
+  // Key tiles outside (converted and transposed once, kept in L1), query rows inside.
   std::vector<float> Kt(static_cast<std::size_t>(kTileKeys * d));
+  // The tile after next (past n too: a hint never faults, and a caller's
+  // next block usually follows) is hinted a share before each row tile: a
+  // tile read straight from memory (window scores) otherwise stalls its
+  // transpose, and one burst of 64 hints stalled on the miss queue.
+  const std::int64_t tile_bytes = kTileKeys * d * static_cast<std::int64_t>(sizeof(S));
+  const std::int64_t row_tiles = (R + kTileRows - 1) / kTileRows;
+  const std::int64_t share = (tile_bytes / row_tiles + 63) / 64 * 64;
   for (std::int64_t j = 0; j < n; j += kTileKeys) {
     const std::int64_t nj = std::min<std::int64_t>(kTileKeys, n - j);
+    const char* ahead = reinterpret_cast<const char*>(K + (j + 2 * kTileKeys) * d);
     transpose_tile(K + j * d, nj, d, Kt.data());
-    std::int64_t r = 0;
-    for (; r + kTileRows <= R; r += kTileRows) qkt_tile<kTileRows>(Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
+    std::int64_t r = 0, hinted = 0;
+    const auto hint = [&] {
+      const std::int64_t b = std::min(share, tile_bytes - hinted);
+      if (b > 0) prefetch(ahead + hinted, static_cast<std::size_t>(b));
+      hinted += b;
+    };
+    for (; r + kTileRows <= R; r += kTileRows) {
+      hint();
+      qkt_tile<kTileRows>(Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
+    }
+    hint();
     qkt_rest(R - r, Q + r * d, d, Kt.data(), nj, logits + r * ld + j, ld);
   }
 #else
@@ -126,10 +147,17 @@ void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, in
   // (Eigen's GEMM kernel, used here before, gave a row in a full register
   // block other bits than in a remainder block: the logits depended on the
   // block layout, CpuKernels.GroupBlockLogitsDependOnlyOnTheirQueryAndKey.)
-  for (std::int64_t r = 0; r < R; ++r)
-    for (std::int64_t j = 0; j < n; ++j) logits[r * ld + j] = dot8(Q + r * d, K + j * d, d);
+  std::vector<float> k(static_cast<std::size_t>(d));
+  for (std::int64_t j = 0; j < n; ++j) {
+    load_row(K + j * d, d, k.data());
+    for (std::int64_t r = 0; r < R; ++r) logits[r * ld + j] = dot8(Q + r * d, k.data(), d);
+  }
 #endif
 }
+
+template void gemm_qkt<float>(const float*, std::int64_t, const float*, std::int64_t, int, float*, std::int64_t);
+template void gemm_qkt<f16>(const float*, std::int64_t, const f16*, std::int64_t, int, float*, std::int64_t);
+template void gemm_qkt<bf16>(const float*, std::int64_t, const bf16*, std::int64_t, int, float*, std::int64_t);
 
 constexpr int kLanes = 8;
 

@@ -46,7 +46,12 @@ void load_rows(const S* x, std::int64_t h, std::int64_t tokens, int d, std::int6
 /// logits[R, n] (row stride ld) = Q[R, d] . K[n, d]^T, single-threaded
 /// (callers parallelise over fixed blocks). ~86% of one core's FMA peak at
 /// d = 128 against ~70% for Eigen's GEMM (bench: kernel/group_block_logits, flop_ratio).
-void gemm_qkt(const float* Q, std::int64_t R, const float* K, std::int64_t n, int d, float* logits, std::int64_t ld);
+/// K may be storage (fp16, bf16): each 16-key tile is converted while it is
+/// transposed, so a caller that reads K once needs no fp32 copy of it (the
+/// copy's pass was 18% of window_scores at window 8). The logits are the
+/// same bits for every storage type holding the same values.
+template <class S>
+void gemm_qkt(const float* Q, std::int64_t R, const S* K, std::int64_t n, int d, float* logits, std::int64_t ld);
 
 /// In place: x <- exp(x) over n entries, eight lanes at a time (tail included)
 /// through glibc's vector expf, so each result depends on its input only.

@@ -106,7 +106,7 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
 #pragma omp parallel
     {
       const bool direct = R <= kDirectRows;
-      std::vector<float> kb(static_cast<std::size_t>((direct ? 4 : kKeyBlock) * d));
+      std::vector<float> kb(static_cast<std::size_t>(direct ? 4 * d : 0));
 #pragma omp for schedule(static)
       for (std::int64_t item = 0; item < nh * blocks; ++item) {
         const std::int64_t gh = item / blocks, j0 = item % blocks * kKeyBlock, n = std::min(kKeyBlock, T - j0);
@@ -116,8 +116,7 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
         if (direct) {
           direct_qkt(Qg, R, kj, n, d, kb.data(), lg, T);
         } else {
-          load_row(kj, n * d, kb.data());
-          gemm_qkt(Qg, R, kb.data(), n, d, lg, T);
+          gemm_qkt(Qg, R, kj, n, d, lg, T);
         }
       }
       // Each row's exps; its normalisation is folded into the reduction below.
