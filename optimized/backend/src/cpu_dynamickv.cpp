@@ -22,9 +22,7 @@ ref::DynamicKVFlatScores pooled_scores(const LayerStorage& in, const ref::Dynami
   const int hq = in.shape.q_heads;
   const std::vector<float> per_q = window_scores(in, w, cpu::Reduce::kSum);
   ref::DynamicKVFlatScores out{hq, std::vector<float>(static_cast<std::size_t>(hq * Lp))};
-  for (int h = 0; h < hq; ++h)
-    cpu::pool1d(per_q.data() + static_cast<std::int64_t>(h) * T, Lp, c.kernel, to_cpu(c.pool),
-                out.values.data() + static_cast<std::int64_t>(h) * Lp);
+  cpu::pool1d_rows(per_q.data(), T, hq, Lp, c.kernel, to_cpu(c.pool), out.values.data(), Lp);
   return out;
 }
 

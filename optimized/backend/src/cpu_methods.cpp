@@ -78,25 +78,14 @@ ScoreSet snapkv_scores(const LayerStorage& in, std::int64_t budget, const ref::S
                ref::snapkv_protected(T, budget, c, family)};
   std::vector<float> per_q = kernels.window_scores(in, w, to_cpu(c.rows));
   // Only the past keys [0, T - w) are candidates, and pooling sees only them.
-  std::vector<float> past_q(static_cast<std::size_t>(hq * past)), tmp(static_cast<std::size_t>(past));
-  for (int h = 0; h < hq; ++h) {
-    float* dst = past_q.data() + static_cast<std::int64_t>(h) * past;
-    std::copy(per_q.data() + static_cast<std::int64_t>(h) * T, per_q.data() + static_cast<std::int64_t>(h) * T + past, dst);
-    if (c.gqa == ref::GqaMode::kPoolThenGroup) {
-      cpu::pool1d(dst, past, c.kernel, to_cpu(c.pool), tmp.data());
-      std::copy(tmp.begin(), tmp.end(), dst);
-    }
-  }
+  std::vector<float> past_q(static_cast<std::size_t>(hq * past));
+  // Pooled before or after the GQA reduction (c.gqa); the other pool1d_rows call only copies.
+  const bool pool_first = c.gqa == ref::GqaMode::kPoolThenGroup;
+  cpu::pool1d_rows(per_q.data(), T, hq, past, c.kernel, pool_first ? to_cpu(c.pool) : cpu::Pool::kNone, past_q.data(), past);
   std::vector<float> grouped(static_cast<std::size_t>(hkv * past));
   cpu::group_reduce(past_q.data(), hq, hkv, past, to_cpu(c.group), grouped.data());
-  for (int g = 0; g < hkv; ++g) {
-    const float* src = grouped.data() + static_cast<std::int64_t>(g) * past;
-    float* dst = out.scores.data() + static_cast<std::int64_t>(g) * T;
-    if (c.gqa == ref::GqaMode::kGroupThenPool)
-      cpu::pool1d(src, past, c.kernel, to_cpu(c.pool), dst);
-    else
-      std::copy(src, src + past, dst);
-  }
+  cpu::pool1d_rows(grouped.data(), past, hkv, past, c.kernel, pool_first ? cpu::Pool::kNone : to_cpu(c.pool),
+                   out.scores.data(), T);
   return out;
 }
 

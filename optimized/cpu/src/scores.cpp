@@ -230,6 +230,12 @@ void pool1d(const float* x, std::int64_t n, std::int64_t kernel, Pool pool, floa
   for (std::int64_t i = b; i < n; ++i) edge(i);
 }
 
+void pool1d_rows(const float* x, std::int64_t x_stride, std::int64_t rows, std::int64_t n, std::int64_t kernel, Pool pool,
+                 float* y, std::int64_t y_stride) {
+#pragma omp parallel for schedule(static) if (rows * n >= (1 << 16))
+  for (std::int64_t r = 0; r < rows; ++r) pool1d(x + r * x_stride, n, kernel, pool, y + r * y_stride);
+}
+
 void group_reduce(const float* in, int q_heads, int kv_heads, std::int64_t n, Reduce r, float* out) {
   const int G = q_heads / kv_heads;
   // kv heads on the threads (each output element still summed by one thread in

@@ -34,6 +34,12 @@ void key_norm_scores(const LayerShape& s, const S* k, float* out);
 /// the average, never winning the max), output length n. kernel odd.
 void pool1d(const float* x, std::int64_t n, std::int64_t kernel, Pool pool, float* y);
 
+/// pool1d of `rows` rows in parallel: row r reads x + r * x_stride, writes
+/// y + r * y_stride (n entries each; the rows must not overlap). Every q
+/// head's window scores at once, one row per thread at a time.
+void pool1d_rows(const float* x, std::int64_t x_stride, std::int64_t rows, std::int64_t n, std::int64_t kernel, Pool pool,
+                 float* y, std::int64_t y_stride);
+
 /// Reduces the scores of each GQA group's q heads: in [q_heads, n] -> out [kv_heads, n].
 void group_reduce(const float* in, int q_heads, int kv_heads, std::int64_t n, Reduce r, float* out);
 
