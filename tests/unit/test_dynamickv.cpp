@@ -456,20 +456,27 @@ template <class V>
 void expect_prefix_counts_equal_a_stable_sort(const std::vector<V>& flat, int L, std::int64_t P, int trial) {
   std::vector<std::span<const V>> layers;
   for (int l = 0; l < L; ++l) layers.emplace_back(flat.data() + l * P, static_cast<std::size_t>(P));
-  const ref::DynamicKVPrefixTopK<V> topk(layers);
-  for (int n = 0; n <= L; ++n) {
+  // Every prefix and several k, asked at once (queries share buckets), plus
+  // n beyond the layers (clamped).
+  std::vector<ref::PrefixTopKQuery> queries;
+  for (int n = 0; n <= L + 1; ++n)
+    for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}, n * P / 3, n * P - 1, n * P, n * P + 5})
+      queries.push_back({n, k});
+  const std::vector<std::vector<std::int64_t>> got = ref::prefix_topk_counts<V>(layers, queries);
+  ASSERT_EQ(got.size(), queries.size());
+  for (std::size_t q = 0; q < queries.size(); ++q) {
+    const int n = std::min(queries[q].n, L);
+    const std::int64_t k = queries[q].k;
     std::vector<std::int64_t> order(static_cast<std::size_t>(n * P));
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
       return flat[static_cast<std::size_t>(a)] > flat[static_cast<std::size_t>(b)];
     });
-    for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}, n * P / 3, n * P - 1, n * P, n * P + 5}) {
-      std::vector<std::int64_t> want(static_cast<std::size_t>(n), 0);
-      for (std::int64_t i = 0; i < std::clamp<std::int64_t>(k, 0, n * P); ++i)
-        ++want[static_cast<std::size_t>(order[static_cast<std::size_t>(i)] / P)];
-      EXPECT_EQ(topk.counts(n, k), want) << (sizeof(V) == 4 ? "float" : "double") << " trial " << trial << ", L "
-                                         << L << ", P " << P << ", n " << n << ", k " << k;
-    }
+    std::vector<std::int64_t> want(static_cast<std::size_t>(n), 0);
+    for (std::int64_t i = 0; i < std::clamp<std::int64_t>(k, 0, n * P); ++i)
+      ++want[static_cast<std::size_t>(order[static_cast<std::size_t>(i)] / P)];
+    EXPECT_EQ(got[q], want) << (sizeof(V) == 4 ? "float" : "double") << " trial " << trial << ", L " << L << ", P "
+                            << P << ", n " << queries[q].n << ", k " << k;
   }
 }
 

@@ -62,15 +62,19 @@ DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVSched
   out.layout.assign(static_cast<std::size_t>(L), initial);
 
   const std::int64_t need = b * L;  // need_fill_kv = base * num_hidden_layers
-  const DynamicKVPrefixTopK<V> gathered(std::move(layers));
-  for (int l = 0; l < L; ++l) {
-    if (l % c.interval != c.interval - 1) continue;
-    const int n = l + 1;
+  // Every re-allocation's selection at once: topk(k=tk) over the first n
+  // layers, or numel() when tk exceeds it (the except branch).
+  std::vector<PrefixTopKQuery> queries;
+  for (std::int64_t l = c.interval - 1; l < L; l += c.interval)
+    queries.push_back({static_cast<int>(l + 1), std::min(b * H * (l + 1), H * Lp * (l + 1))});
+  std::vector<std::vector<std::int64_t>> selected = prefix_topk_counts<V>(layers, queries);
+  for (std::size_t q = 0; q < queries.size(); ++q) {
+    const int n = queries[q].n, l = n - 1;
     DynamicKVUpdate up;
     up.layer = l;
     const std::int64_t tk = b * H * n;
-    up.topk = std::min(tk, H * Lp * n);  // topk(k=tk), or numel() when tk exceeds it (the except branch)
-    up.counts = gathered.counts(n, up.topk);
+    up.topk = queries[q].k;
+    up.counts = std::move(selected[q]);
     for (auto& x : up.counts) x = int_floordiv(x, n);  // counts // gather_attn.shape[0]
     std::int64_t sum_c = std::accumulate(up.counts.begin(), up.counts.end(), std::int64_t{0});
     if (sum_c != H * Lp && l == L - 1) {  // the last layer tops up the last count
