@@ -5,6 +5,10 @@
 #include <gtest/gtest.h>
 #include <rapidcheck/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
 #include <random>
 
 #include "kvscope/reference/methods/adakv.hpp"
@@ -101,6 +105,59 @@ TEST(AdaKV, ProtectedTokensAreAddedToEveryHead) {
   const auto plans = ref::select_per_head(s, 5, {5, 3}, "adakv");
   EXPECT_EQ(plans[0].token, (std::vector<std::int64_t>{0, 1, 2, 3, 4}));
   EXPECT_EQ(plans[1].token, (std::vector<std::int64_t>{0, 3, 4}));  // ties: lower index first
+}
+
+// The original allocation against its definition: flatten every head's
+// (normalised) candidate scores at h * T + j, stable-sort them best first,
+// count the first H·B per head, then round. Heavy ties, signed zeros, protected
+// tokens, budgets at the edges, with and without normalisation.
+TEST(AdaKV, OriginalCountsEqualAStableSortOfTheFlatScores) {
+  std::mt19937_64 rng(20261205);
+  std::printf("seed 20261205\n");
+  for (int trial = 0; trial < 200; ++trial) {
+    const int H = 1 + static_cast<int>(rng() % 6);
+    const auto T = static_cast<std::int64_t>(1 + rng() % 40);
+    std::vector<std::vector<double>> heads(static_cast<std::size_t>(H), std::vector<double>(static_cast<std::size_t>(T)));
+    for (auto& h : heads)
+      for (double& x : h)
+        x = trial % 3 == 0   ? static_cast<double>(rng() % 4) * 0.25                             // ties
+            : trial % 3 == 1 ? (rng() % 2 ? -0.0 : 0.0) + static_cast<double>(rng() % 2) * 1e-300  // zeros, subnormal
+                             : std::ldexp(static_cast<double>(rng() % 1000), -static_cast<int>(rng() % 30));
+    auto s = fake_scores(heads);
+    for (std::int64_t j = T - static_cast<std::int64_t>(rng() % 3); j < T; ++j)
+      if (j >= 0) s.protected_tokens.push_back(j);
+    const auto P = static_cast<std::int64_t>(s.protected_tokens.size());
+    const auto C = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(T + 2));
+    const bool normalize = rng() % 2 != 0;
+    const double alpha = (trial % 4) * 0.2;
+    if (C >= T || C <= P) continue;  // nothing shared (covered above)
+    const std::int64_t B = C - P;
+    std::vector<std::int64_t> cand, flat;
+    for (std::int64_t j = 0; j < T - P; ++j) cand.push_back(j);
+    std::vector<double> value(static_cast<std::size_t>(H * T), 0.0);
+    for (int h = 0; h < H; ++h) {
+      std::vector<double> v(heads[static_cast<std::size_t>(h)].begin(), heads[static_cast<std::size_t>(h)].begin() + (T - P));
+      std::sort(v.begin(), v.end(), std::greater<>());
+      double top = 0, all = 0, ratio = 1;
+      for (std::size_t i = 0; i < v.size(); ++i) (i < static_cast<std::size_t>(B) ? top : all) += v[i];
+      all += top;
+      if (normalize && all > 0 && std::isfinite(top / all)) ratio = top / all;
+      for (std::int64_t j : cand) {
+        value[static_cast<std::size_t>(h * T + j)] = heads[static_cast<std::size_t>(h)][static_cast<std::size_t>(j)] * ratio;
+        flat.push_back(h * T + j);
+      }
+    }
+    std::stable_sort(flat.begin(), flat.end(), [&](std::int64_t a, std::int64_t b) {
+      return value[static_cast<std::size_t>(a)] > value[static_cast<std::size_t>(b)];
+    });
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(H), 0);
+    for (std::int64_t i = 0; i < std::min<std::int64_t>(H * B, static_cast<std::int64_t>(flat.size())); ++i)
+      ++counts[static_cast<std::size_t>(flat[static_cast<std::size_t>(i)] / T)];
+    std::vector<std::int64_t> want = ref::adakv_round_budgets(counts, B, alpha, T - P);
+    for (auto& b : want) b += P;
+    EXPECT_EQ(ref::adakv_budgets(s, T, C, opts(alpha, normalize)), want)
+        << "trial " << trial << ", H " << H << ", T " << T << ", C " << C << ", P " << P << ", normalize " << normalize;
+  }
 }
 
 TEST(AdaKV, OriginalRoundingAndTheLawRepair) {

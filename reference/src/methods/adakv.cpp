@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <string>
 
 #include "kvscope/core/error.hpp"
 
@@ -32,30 +34,47 @@ std::vector<std::int64_t> head_counts(const Selection& s, std::size_t heads, std
 
 // FFY0/AdaKV snapkv_utils.py AdaptiveSnapKVCluster.update_kv: optional
 // normalisation, global top-(H·B) of the flattened scores, counts c_h.
-std::vector<std::int64_t> original_counts(const LayerScores& s, std::int64_t T, std::int64_t B,
-                                          const std::vector<std::int64_t>& cand, bool normalize) {
+std::vector<std::int64_t> original_counts(const LayerScores& s, std::int64_t B, const std::vector<std::int64_t>& cand,
+                                          bool normalize) {
   const std::size_t H = s.per_kv_head.size();
-  VecX flat = VecX::Zero(static_cast<Eigen::Index>(H) * T);
-  std::vector<std::int64_t> flat_cand;
+  // Each head's candidate scores, best first, times its ratio.
+  std::vector<std::vector<double>> sorted(H);
   for (std::size_t h = 0; h < H; ++h) {
     const VecX& sh = s.per_kv_head[h];
-    double ratio = 1.0;
+    std::vector<double>& v = sorted[h];
+    for (std::int64_t j : cand) {
+      if (std::isnan(sh[j]))
+        throw Error(ErrorKind::kBadNumber, "score of token " + std::to_string(j) + " of kv head " + std::to_string(h) + " is NaN");
+      v.push_back(sh[j]);
+    }
+    std::sort(v.begin(), v.end(), std::greater<>());
     if (normalize) {  // s_h * (sum of the top-B scores) / (sum of all scores), eq. of the authors' code
-      std::vector<double> v;
-      for (std::int64_t j : cand) v.push_back(sh[j]);
-      std::sort(v.begin(), v.end(), std::greater<>());
       double top = 0, all = 0;
       for (std::size_t i = 0; i < v.size(); ++i) (i < static_cast<std::size_t>(B) ? top : all) += v[i];
       all += top;
-      if (all > 0 && std::isfinite(top / all)) ratio = top / all;  // reconstructed guard: 0/0 -> no scaling
-    }
-    for (std::int64_t j : cand) {
-      const std::int64_t i = static_cast<std::int64_t>(h) * T + j;
-      flat[i] = sh[j] * ratio;
-      flat_cand.push_back(i);
+      if (all > 0 && std::isfinite(top / all)) {  // reconstructed guard: 0/0 -> no scaling
+        const double ratio = top / all;
+        for (double& x : v) x *= ratio;  // a positive factor keeps the order (ties may only grow)
+      }
     }
   }
-  return head_counts(top_k(flat, flat_cand, static_cast<std::int64_t>(H) * B), H, T);
+  // The global top-(H·B) of the flat [h * T + j] scores, higher first and the
+  // lower flat index on ties (top_k's order): a merge of the heads' lists that
+  // takes the lower head on equal values. Only the per-head counts matter, and
+  // within a head any of its equal values may be counted first.
+  std::vector<std::int64_t> counts(H, 0);
+  std::int64_t total = 0;
+  for (const auto& v : sorted) total += static_cast<std::int64_t>(v.size());
+  for (std::int64_t taken = 0; taken < std::min(static_cast<std::int64_t>(H) * B, total); ++taken) {
+    std::size_t best = H;
+    for (std::size_t h = 0; h < H; ++h) {
+      const auto next = static_cast<std::size_t>(counts[h]);
+      if (next < sorted[h].size() && (best == H || sorted[h][next] > sorted[best][static_cast<std::size_t>(counts[best])]))
+        best = h;
+    }
+    ++counts[best];
+  }
+  return counts;
 }
 
 // kvpress adakv_press.py AdaKVPress.compress: the top-n_safe of each head are
@@ -124,7 +143,7 @@ std::vector<std::int64_t> adakv_budgets(const LayerScores& scores, std::int64_t 
   const std::vector<std::int64_t> cand = non_protected(T, scores.protected_tokens);
   std::vector<std::int64_t> past;
   if (o.allocation == AdaAllocation::kOriginal)
-    past = adakv_round_budgets(original_counts(scores, T, C - P, cand, o.normalize), C - P, o.alpha,
+    past = adakv_round_budgets(original_counts(scores, C - P, cand, o.normalize), C - P, o.alpha,
                                static_cast<std::int64_t>(cand.size()));
   else
     past = kvpress_counts(scores, T, C, P, cand, o.alpha);
