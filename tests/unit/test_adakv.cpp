@@ -120,7 +120,7 @@ TEST(AdaKV, OriginalCountsEqualAStableSortOfTheFlatScores) {
     std::vector<std::vector<double>> heads(static_cast<std::size_t>(H), std::vector<double>(static_cast<std::size_t>(T)));
     for (auto& h : heads)
       for (double& x : h)
-        x = trial % 3 == 0   ? static_cast<double>(rng() % 4) * 0.25                             // ties
+        x = trial % 3 == 0   ? static_cast<double>(rng() % 5) * 0.25 - 0.25                      // ties, negatives
             : trial % 3 == 1 ? (rng() % 2 ? -0.0 : 0.0) + static_cast<double>(rng() % 2) * 1e-300  // zeros, subnormal
                              : std::ldexp(static_cast<double>(rng() % 1000), -static_cast<int>(rng() % 30));
     auto s = fake_scores(heads);

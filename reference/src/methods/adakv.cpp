@@ -54,25 +54,36 @@ std::vector<std::int64_t> original_counts(const LayerScores& s, std::int64_t B, 
       all += top;
       if (all > 0 && std::isfinite(top / all)) {  // reconstructed guard: 0/0 -> no scaling
         const double ratio = top / all;
-        for (double& x : v) x *= ratio;  // a positive factor keeps the order (ties may only grow)
+        // ratio >= 0 (a negative top-B sum makes `all` negative too), so the
+        // scaled list stays in order; ties may only grow.
+        for (double& x : v) x *= ratio;
       }
     }
   }
   // The global top-(H·B) of the flat [h * T + j] scores, higher first and the
-  // lower flat index on ties (top_k's order): a merge of the heads' lists that
-  // takes the lower head on equal values. Only the per-head counts matter, and
-  // within a head any of its equal values may be counted first.
+  // lower flat index on ties (top_k's order), counted per head: every score
+  // above the (H·B)-th largest, theta, and of the scores equal to theta the
+  // lower heads' first.
+  std::vector<double> all;
+  for (const auto& v : sorted) all.insert(all.end(), v.begin(), v.end());
+  const auto K = std::min(static_cast<std::int64_t>(H) * B, static_cast<std::int64_t>(all.size()));
   std::vector<std::int64_t> counts(H, 0);
-  std::int64_t total = 0;
-  for (const auto& v : sorted) total += static_cast<std::int64_t>(v.size());
-  for (std::int64_t taken = 0; taken < std::min(static_cast<std::int64_t>(H) * B, total); ++taken) {
-    std::size_t best = H;
-    for (std::size_t h = 0; h < H; ++h) {
-      const auto next = static_cast<std::size_t>(counts[h]);
-      if (next < sorted[h].size() && (best == H || sorted[h][next] > sorted[best][static_cast<std::size_t>(counts[best])]))
-        best = h;
-    }
-    ++counts[best];
+  if (K <= 0) return counts;
+  std::nth_element(all.begin(), all.begin() + (K - 1), all.end(), std::greater<>());
+  const double theta = all[static_cast<std::size_t>(K - 1)];
+  std::int64_t left = K;
+  std::vector<std::int64_t> equal(H);
+  for (std::size_t h = 0; h < H; ++h) {  // sorted[h] is descending
+    const auto above = std::partition_point(sorted[h].begin(), sorted[h].end(), [&](double x) { return x > theta; });
+    const auto at = std::partition_point(above, sorted[h].end(), [&](double x) { return x >= theta; });
+    counts[h] = above - sorted[h].begin();
+    equal[h] = at - above;
+    left -= counts[h];
+  }
+  for (std::size_t h = 0; h < H; ++h) {
+    const std::int64_t take = std::min(equal[h], left);
+    counts[h] += take;
+    left -= take;
   }
   return counts;
 }
