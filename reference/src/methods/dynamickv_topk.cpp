@@ -101,7 +101,8 @@ std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::s
     int n = 0;
     std::int64_t k = 0;
     std::size_t bucket = 0;
-    std::vector<std::int64_t> counts;  // entries taken from the buckets before
+    std::int64_t taken = 0;            // entries of the buckets before, all selected
+    std::vector<std::int64_t> counts;  // of them, per layer
   };
   std::vector<Located> located;
   std::vector<char> wanted(kBuckets, 0);
@@ -111,12 +112,11 @@ std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::s
     a.k = std::clamp<std::int64_t>(q.k, 0, a.n * per_layer);
     a.counts.assign(static_cast<std::size_t>(a.n), 0);
     if (a.k > 0) {
-      std::int64_t taken = 0;
       for (;; ++a.bucket) {
         std::int64_t here = 0;
         for (int l = 0; l < a.n; ++l) here += count_of(l, a.bucket);
-        if (taken + here >= a.k) break;
-        taken += here;
+        if (a.taken + here >= a.k) break;
+        a.taken += here;
         for (int l = 0; l < a.n; ++l) a.counts[static_cast<std::size_t>(l)] += count_of(l, a.bucket);
       }
       wanted[a.bucket] = 1;
@@ -144,12 +144,10 @@ std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::s
   };
   std::vector<std::vector<std::int64_t>> out;
   for (Located& a : located) {
-    std::int64_t taken = 0;
-    for (std::int64_t c : a.counts) taken += c;
-    if (a.k > taken) {
+    if (a.k > a.taken) {
       const std::vector<std::int64_t>& m = members[a.bucket];
       std::vector<std::int64_t> tied(m.begin(), std::lower_bound(m.begin(), m.end(), a.n * per_layer));
-      const std::int64_t rest = a.k - taken;
+      const std::int64_t rest = a.k - a.taken;
       std::nth_element(tied.begin(), tied.begin() + (rest - 1), tied.end(), better);
       for (std::int64_t i = 0; i < rest; ++i) ++a.counts[static_cast<std::size_t>(tied[static_cast<std::size_t>(i)] / per_layer)];
     }
