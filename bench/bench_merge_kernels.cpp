@@ -152,7 +152,7 @@ const BlockKeys& block_keys() {
 /// queries of every q head against the B = T/2 cached keys plus the block's
 /// own (group_block_logits, one GEMM per kv head), then, unless `logits_only`,
 /// each query's softmax over its B slots reduced over the group
-/// (group_slot_softmax). kv heads on the threads, as the backend runs them.
+/// (group_prefix_softmax). kv heads on the threads, as the backend runs them.
 /// The prefill runs T/64 such blocks. The logits-only row is the Q.K^T tile
 /// every attention-shaped kernel is built on: its flop_ratio is the GEMM's
 /// share of the FMA peak.
@@ -166,13 +166,10 @@ void BM_weightedkv_block(benchmark::State& state) {
   constexpr std::int64_t kBlock = BlockKeys::kBlock;
   const std::int64_t B = bk.B, t0 = bk.t0, n_keys = bk.n_keys, d = sh.head_dim;
   const int G = s.group();
-  std::vector<std::int64_t> cols(static_cast<std::size_t>(B));
-  std::iota(cols.begin(), cols.end(), 0);
   const double t = timed_loop(state, [&] {
 #pragma omp parallel
     {
-      std::vector<float> logits(static_cast<std::size_t>(G * kBlock * n_keys)), scratch(static_cast<std::size_t>(B)),
-          probs(scratch.size());
+      std::vector<float> logits(static_cast<std::size_t>(G * kBlock * n_keys)), probs(static_cast<std::size_t>(B));
 #pragma omp for schedule(static)
       for (int g = 0; g < sh.kv_heads; ++g) {
         opt::cpu::group_block_logits(s, st.q.data<S>(), bk.keys[static_cast<std::size_t>(g)].data(), n_keys, g, t0,
@@ -180,8 +177,8 @@ void BM_weightedkv_block(benchmark::State& state) {
         benchmark::DoNotOptimize(logits.data());
         if (logits_only) continue;
         for (std::int64_t u = 0; u < kBlock; ++u) {  // query t0 + u over the B slots it sees
-          opt::cpu::group_slot_softmax(logits.data() + u * n_keys, kBlock * n_keys, G, cols.data(), B,
-                                       opt::cpu::Reduce::kSum, scratch.data(), probs.data());
+          opt::cpu::group_prefix_softmax(logits.data() + u * n_keys, kBlock * n_keys, G, B, opt::cpu::Reduce::kSum,
+                                         probs.data());
           benchmark::DoNotOptimize(probs.data());
         }
       }

@@ -495,47 +495,59 @@ TEST(CpuKernels, GaussianWeightsAreTheSameBitsForKeysScaledByPowersOfTwo) {
   }
 }
 
-TEST(CpuKernels, GroupBlockLogitsThenSlotSoftmaxIsTheGroupsSoftmaxOverTheSlots) {
+TEST(CpuKernels, GroupBlockLogitsThenPrefixSoftmaxIsTheGroupsSoftmaxOverTheSlots) {
   const std::int64_t T = 40;
   const int d = 32, hq = 6, hkv = 2;
-  const std::vector<std::int64_t> keys = {0, 3, 4, 17, 20, 21, 33};
-  const auto m = static_cast<std::int64_t>(keys.size());
+  // The block's logit columns: eleven keys, of which query 36 sees the
+  // slots' seven; the other four (dropped earlier in the block) are set to
+  // -inf in its rows, and the last column (a key after the prefix) is NaN.
+  const std::vector<std::int64_t> columns = {0, 2, 3, 4, 9, 17, 20, 21, 25, 33, 38};
+  const std::vector<std::int64_t> cols = {0, 2, 3, 5, 6, 7, 9};  // the slots' columns
+  const std::int64_t nc = static_cast<std::int64_t>(columns.size()), len = nc - 1, m = static_cast<std::int64_t>(cols.size());
   for (DType t : kDtypes)
     for (ref::Reduce r : {ref::Reduce::kMean, ref::Reduce::kSum, ref::Reduce::kMax}) {
       const Heads q = random_heads(hq, T, d, t, 41), k = random_heads(hkv, T, d, t, 42);
       const opt::cpu::LayerShape s{hq, hkv, d, T};
       const auto cr = r == ref::Reduce::kSum ? opt::cpu::Reduce::kSum : r == ref::Reduce::kMean ? opt::cpu::Reduce::kMean : opt::cpu::Reduce::kMax;
       for (int g = 0; g < hkv; ++g) {
-        // Query 36 inside the block of prompt queries [32, 40); its logit rows are NaN-poisoned first.
-        const std::int64_t t0 = 32, n = T - t0;
-        std::vector<float> scratch(static_cast<std::size_t>(m)), out(static_cast<std::size_t>(m), std::nanf(""));
-        // The block's logit columns: the slots' keys gathered in reverse order
-        // (so columns differ from token indices); slot j is column m - 1 - j.
-        std::vector<float> k32(static_cast<std::size_t>(T * d)), gathered(static_cast<std::size_t>(m * d)),
-            block(static_cast<std::size_t>(3 * n * m), std::nanf(""));
-        std::vector<std::int64_t> cols(static_cast<std::size_t>(m));
+        // Query 36 inside the block of prompt queries [32, 40).
+        const std::int64_t t0 = 32, n = T - t0, u = 36 - t0;
+        std::vector<float> k32(static_cast<std::size_t>(T * d)), gathered(static_cast<std::size_t>(nc * d)),
+            block(static_cast<std::size_t>(3 * n * nc), std::nanf("")), out(static_cast<std::size_t>(len), std::nanf(""));
         opt::cpu::dispatch_storage(t, [&](auto tag) {
           using S = decltype(tag);
           opt::cpu::load_row(k.storage.data<S>() + static_cast<std::int64_t>(g) * T * d, T * d, k32.data());
-          for (std::int64_t j = 0; j < m; ++j) {
-            cols[static_cast<std::size_t>(j)] = m - 1 - j;
-            std::copy_n(&k32[static_cast<std::size_t>(keys[static_cast<std::size_t>(j)] * d)], d,
-                        &gathered[static_cast<std::size_t>((m - 1 - j) * d)]);
-          }
-          opt::cpu::group_block_logits(s, q.storage.data<S>(), gathered.data(), m, g, t0, n, block.data());
+          for (std::int64_t c = 0; c < nc; ++c)
+            std::copy_n(&k32[static_cast<std::size_t>(columns[static_cast<std::size_t>(c)] * d)], d,
+                        &gathered[static_cast<std::size_t>(c * d)]);
+          opt::cpu::group_block_logits(s, q.storage.data<S>(), gathered.data(), nc, g, t0, n, block.data());
         });
         for (float x : block) ASSERT_FALSE(std::isnan(x)) << "block logits leave an entry unwritten";
-        opt::cpu::group_slot_softmax(&block[static_cast<std::size_t>((36 - t0) * m)], n * m, 3, cols.data(), m, cr,
-                                     scratch.data(), out.data());
+        for (int h = 0; h < 3; ++h) {
+          float* row = &block[static_cast<std::size_t>((h * n + u) * nc)];
+          for (std::int64_t c = 0; c < len; ++c)
+            if (std::find(cols.begin(), cols.end(), c) == cols.end()) row[c] = -INFINITY;
+          row[len] = std::nanf("");  // outside the prefix: never read
+        }
+        opt::cpu::group_prefix_softmax(&block[static_cast<std::size_t>(u * nc)], n * nc, 3, len, cr, out.data());
+        std::vector<float> got;
+        for (std::int64_t c = 0; c < len; ++c) {
+          const bool slot = std::find(cols.begin(), cols.end(), c) != cols.end();
+          if (slot)
+            got.push_back(out[static_cast<std::size_t>(c)]);
+          else
+            EXPECT_EQ(out[static_cast<std::size_t>(c)], 0.0f) << "a masked column gets probability " << out[static_cast<std::size_t>(c)];
+        }
         std::vector<VecX> per_q;
         for (int h = 0; h < hq; ++h) {
           const MatX& K = k.mats[static_cast<std::size_t>(h / 3)];
           VecX logits(m);
           for (std::int64_t j = 0; j < m; ++j)
-            logits[j] = q.mats[static_cast<std::size_t>(h)].row(36).dot(K.row(keys[static_cast<std::size_t>(j)])) / std::sqrt(double(d));
+            logits[j] = q.mats[static_cast<std::size_t>(h)].row(36).dot(
+                            K.row(columns[static_cast<std::size_t>(cols[static_cast<std::size_t>(j)])])) / std::sqrt(double(d));
           per_q.push_back(ref::softmax(logits));
         }
-        EXPECT_LT(max_rel_diff(out.data(), ref::group_reduce(per_q, g, hq, hkv, r)), 1e-5) << dtype_name(t) << " kv " << g;
+        EXPECT_LT(max_rel_diff(got.data(), ref::group_reduce(per_q, g, hq, hkv, r)), 1e-5) << dtype_name(t) << " kv " << g;
       }
     }
 }

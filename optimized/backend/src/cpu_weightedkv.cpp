@@ -1,13 +1,15 @@
 // WeightedKV prefill on the CPU. Streaming (the default): the hot part, each
 // prompt query's attention over the current slots (every q head of the group,
 // softmax, group reduction), is group_block_logits (one GEMM per 64 prompt
-// queries against the keys they may see) then group_slot_softmax; the
+// queries against the keys they may see) then group_prefix_softmax; the
 // drop-and-merge loop (victim, neighbour, lambda) is the reference's one
 // implementation, ref::weightedkv_stream / weightedkv_compress. One kv head
 // per thread: each head's loop is sequential and independent. One-shot: the
 // accumulated-attention kernel, then the same shared loop. The neighbour value
 // merges are plan rows, built into the cache by apply_ragged_plan.
 #include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <string>
 
 #include "cpu_families.hpp"
@@ -49,44 +51,74 @@ class WeightedKVCpu final : public BackendMethod {
         // The head's keys in fp32 once. When the loop reaches a block of
         // prompt queries, one GEMM gives their logits against every key they
         // may see: the keys alive now plus the block's own tokens (keys are
-        // never modified, only dropped).
-        std::vector<float> K(static_cast<std::size_t>(T * d)), rows, logits;
+        // never modified, only dropped). A key dropped inside the block is
+        // set to -inf in the logit rows of the block's later queries, so each
+        // query's softmax runs over a prefix of its rows, with no gather.
+        std::vector<float> K(static_cast<std::size_t>(T * d)), rows, logits, acc;
         cpu::load_row(k + static_cast<std::int64_t>(g) * T * d, T * d, K.data());
-        std::vector<std::int64_t> keys, col_of(static_cast<std::size_t>(T), -1), cols;
-        std::int64_t t0 = 0, n = 0;
-        std::vector<float> scratch, probs;
+        std::vector<std::int64_t> keys, cols;  // the block's column keys; the slots' columns, in slot order
+        std::int64_t t0 = 0, n = 0, nk = 0, base = 0;  // base: slots at the block's start (token t0 the last)
+        const auto internal = [&](std::int64_t i, const std::string& what) {
+          return Error(ErrorKind::kInternal, "weightedkv (cpu): prompt token " + std::to_string(i) + ": " + what);
+        };
+        const auto key_of = [&](std::int64_t col) { return keys[static_cast<std::size_t>(col)]; };
         const auto attend = [&](std::int64_t i, const std::vector<ref::WeightedSlot>& slots, std::vector<double>& out) {
+          const auto m = static_cast<std::int64_t>(slots.size());
           if (i < t0 || i >= t0 + n) {
             t0 = i;
             n = std::min(kQueryBlock, T - i);
             keys.clear();
             for (const ref::WeightedSlot& s : slots) keys.push_back(s.key);
+            base = m;
             for (std::int64_t j = i + 1; j < t0 + n; ++j) keys.push_back(j);
-            const auto nk = static_cast<std::int64_t>(keys.size());
+            nk = static_cast<std::int64_t>(keys.size());
             rows.resize(static_cast<std::size_t>(nk * d));
-            for (std::int64_t c = 0; c < nk; ++c) {
-              const auto key = static_cast<std::size_t>(keys[static_cast<std::size_t>(c)]);
-              col_of[key] = c;
-              std::copy_n(&K[key * static_cast<std::size_t>(d)], d, &rows[static_cast<std::size_t>(c * d)]);
-            }
+            for (std::int64_t c = 0; c < nk; ++c)
+              std::copy_n(&K[static_cast<std::size_t>(key_of(c) * d)], d, &rows[static_cast<std::size_t>(c * d)]);
             logits.resize(static_cast<std::size_t>(G * n * nk));
+            acc.resize(static_cast<std::size_t>(nk));
             cpu::group_block_logits(in.shape, q, rows.data(), nk, g, t0, n, logits.data());
+            cols.resize(static_cast<std::size_t>(m));
+            std::iota(cols.begin(), cols.end(), std::int64_t{0});
+          } else {
+            // Since the last call the stream dropped slots and appended token
+            // i, keeping the order (keys increasing): the first slot whose key
+            // differs from its old column's is where one was dropped.
+            const std::int64_t dropped = static_cast<std::int64_t>(cols.size()) + 1 - m;
+            if (dropped < 0) throw internal(i, "the cache grew by more than one slot");
+            std::int64_t from = 0;
+            for (std::int64_t e = 0; e < dropped; ++e) {
+              std::int64_t lo = from, hi = m - 1;  // the first mismatch lies in [lo, hi]
+              while (lo < hi) {
+                const std::int64_t mid = lo + (hi - lo) / 2;
+                if (key_of(cols[static_cast<std::size_t>(mid)]) == slots[static_cast<std::size_t>(mid)].key)
+                  lo = mid + 1;
+                else
+                  hi = mid;
+              }
+              const std::int64_t c = cols[static_cast<std::size_t>(lo)];
+              for (int h = 0; h < G; ++h)  // no later query of the block sees key c
+                for (std::int64_t r = i - t0; r < n; ++r)
+                  logits[static_cast<std::size_t>((h * n + r) * nk + c)] = -INFINITY;
+              cols.erase(cols.begin() + lo);
+              from = lo;
+            }
+            cols.push_back(base - 1 + (i - t0));
           }
-          const auto m = static_cast<std::int64_t>(slots.size()), nk = static_cast<std::int64_t>(keys.size());
-          cols.resize(static_cast<std::size_t>(m));
+          // The mapping is checked in full once per block (at its last query)
+          // and its ends at every query: a slot list out of order fails here.
+          const bool full_check = i == t0 + n - 1;
           for (std::int64_t s = 0; s < m; ++s) {
-            const std::int64_t key = slots[static_cast<std::size_t>(s)].key;
-            const std::int64_t c = col_of[static_cast<std::size_t>(key)];
-            if (c < 0 || c >= nk || keys[static_cast<std::size_t>(c)] != key)
-              throw Error(ErrorKind::kInternal, "weightedkv (cpu): slot key " + std::to_string(key) +
-                                                    " is not among the block's logit columns");
-            cols[static_cast<std::size_t>(s)] = c;
+            if (!full_check && s == 1) s = m - 1;
+            if (key_of(cols[static_cast<std::size_t>(s)]) != slots[static_cast<std::size_t>(s)].key)
+              throw internal(i, "slot " + std::to_string(s) + " (key " + std::to_string(slots[static_cast<std::size_t>(s)].key) +
+                                    ") is not at its logit column");
           }
-          scratch.resize(static_cast<std::size_t>(m));
-          probs.resize(static_cast<std::size_t>(m));
-          cpu::group_slot_softmax(&logits[static_cast<std::size_t>((i - t0) * nk)], n * nk, G, cols.data(), m,
-                                  to_cpu(c_.gqa), scratch.data(), probs.data());
-          out.assign(probs.begin(), probs.end());
+          const std::int64_t len = base + (i - t0);  // columns of the keys up to token i
+          cpu::group_prefix_softmax(&logits[static_cast<std::size_t>((i - t0) * nk)], n * nk, G, len, to_cpu(c_.gqa),
+                                    acc.data());
+          out.resize(static_cast<std::size_t>(m));
+          for (std::int64_t s = 0; s < m; ++s) out[static_cast<std::size_t>(s)] = acc[static_cast<std::size_t>(cols[static_cast<std::size_t>(s)])];
         };
         plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_stream(T, budget, c_, attend), T);
       });

@@ -254,23 +254,26 @@ void group_block_logits(const LayerShape& s, const S* q, const float* keys, std:
   detail::gemm_qkt(Q.data(), G * n, keys, n_keys, d, out, n_keys);
 }
 
-void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, const std::int64_t* cols,
-                        std::int64_t m, Reduce r, float* scratch, float* out) {
+void group_prefix_softmax(float* rows, std::int64_t head_stride, int group, std::int64_t len, Reduce r, float* out) {
   for (int i = 0; i < group; ++i) {
-    const float* row = rows + i * head_stride;
-    for (std::int64_t j = 0; j < m; ++j) scratch[j] = row[cols[j]];
-    detail::softmax_inplace(scratch, m);
+    float* x = rows + i * head_stride;
+    // exp(x - max) in place (-inf -> 0), normalised as it is reduced.
+    const float inv = detail::softmax_unnormalised(x, len);
     if (i == 0) {
-      std::copy(scratch, scratch + m, out);
+      for (std::int64_t j = 0; j < len; ++j) out[j] = x[j] * inv;
     } else if (r == Reduce::kMax) {
-      for (std::int64_t j = 0; j < m; ++j) out[j] = std::max(out[j], scratch[j]);
+      for (std::int64_t j = 0; j < len; ++j) out[j] = std::max(out[j], x[j] * inv);
     } else {
-#pragma omp simd
-      for (std::int64_t j = 0; j < m; ++j) out[j] += scratch[j];
+      for (std::int64_t j = 0; j < len; ++j) out[j] += x[j] * inv;
     }
   }
-  if (r == Reduce::kMean)
-    for (std::int64_t j = 0; j < m; ++j) out[j] /= static_cast<float>(group);
+  if (r != Reduce::kMean) return;
+  if ((group & (group - 1)) == 0) {  // x * 2^-k is x / 2^k exactly: a multiply instead of a divide
+    const float inv_group = 1.0f / static_cast<float>(group);
+    for (std::int64_t j = 0; j < len; ++j) out[j] *= inv_group;
+  } else {
+    for (std::int64_t j = 0; j < len; ++j) out[j] /= static_cast<float>(group);
+  }
 }
 
 #define KVSCOPE_MERGING(S)                                                                                       \

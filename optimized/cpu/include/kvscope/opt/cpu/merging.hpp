@@ -45,10 +45,12 @@ template <class S>
 void group_block_logits(const LayerShape& s, const S* q, const float* keys, std::int64_t n_keys, int kv, std::int64_t t0,
                         std::int64_t n, float* out);
 
-/// Then per query: the softmax of each of the G q heads over the columns
-/// cols[0..m) of its logit row (head i's row at rows + i * head_stride),
-/// reduced over the group (sum, mean, max): out[m]. scratch: m floats. Serial.
-void group_slot_softmax(const float* rows, std::int64_t head_stride, int group, const std::int64_t* cols,
-                        std::int64_t m, Reduce r, float* scratch, float* out);
+/// Then per query: the softmax of each of the G q heads over the first `len`
+/// columns of its logit row (head i's row at rows + i * head_stride; a
+/// column of a key the query may not see holds -inf and gets probability 0),
+/// reduced over the group (sum, mean, max) into out[len]. The rows are
+/// overwritten (exp). The caller reads its slots' columns from `out`: no
+/// per-head gather of the slots' logits. Serial.
+void group_prefix_softmax(float* rows, std::int64_t head_stride, int group, std::int64_t len, Reduce r, float* out);
 
 }  // namespace kvscope::opt::cpu
