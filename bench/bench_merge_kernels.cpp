@@ -112,22 +112,18 @@ void BM_gaussian_merge_weights(benchmark::State& state) {
 
 /// The keys one block of WeightedKV's streaming prefill meets at a full
 /// cache, per kv head: a seeded half of [0, T - 64) (B = T/2 slots), then the
-/// block's own 64 tokens, as fp32 rows.
+/// block's own 64 tokens, as token indices (the GEMM reads them in place).
 struct BlockKeys {
   static constexpr std::int64_t kBlock = 64;
   std::int64_t B = 0, t0 = 0, n_keys = 0;
-  std::vector<std::vector<float>> keys;
+  std::vector<std::vector<std::int64_t>> keys;
 };
 
-template <class S>
 const BlockKeys& block_keys() {
   static const BlockKeys bk = [] {
     const Shape& sh = shape();
-    const opt::LayerStorage& st = layer_storage(dtype_of<S>());
     BlockKeys out;
     out.B = sh.tokens / 2, out.t0 = sh.tokens - BlockKeys::kBlock, out.n_keys = out.B + BlockKeys::kBlock;
-    const std::int64_t d = sh.head_dim;
-    out.keys.resize(static_cast<std::size_t>(sh.kv_heads));
     std::vector<std::int64_t> order(static_cast<std::size_t>(out.t0));
     std::mt19937_64 rng(19);
     for (int h = 0; h < sh.kv_heads; ++h) {
@@ -136,12 +132,7 @@ const BlockKeys& block_keys() {
       std::vector<std::int64_t> kept(order.begin(), order.begin() + out.B);
       std::sort(kept.begin(), kept.end());
       for (std::int64_t j = out.t0; j < sh.tokens; ++j) kept.push_back(j);
-      auto& kh = out.keys[static_cast<std::size_t>(h)];
-      kh.resize(static_cast<std::size_t>(out.n_keys * d));
-      for (std::int64_t c = 0; c < out.n_keys; ++c)
-        for (std::int64_t i = 0; i < d; ++i)
-          kh[static_cast<std::size_t>(c * d + i)] =
-              st.k.get((static_cast<std::int64_t>(h) * sh.tokens + kept[static_cast<std::size_t>(c)]) * d + i);
+      out.keys.push_back(std::move(kept));
     }
     return out;
   }();
@@ -162,7 +153,7 @@ void BM_weightedkv_block(benchmark::State& state) {
   const Shape& sh = shape();
   const LayerShape s = layer_shape();
   const opt::LayerStorage& st = layer_storage(dtype_of<S>());
-  const BlockKeys& bk = block_keys<S>();
+  const BlockKeys& bk = block_keys();
   constexpr std::int64_t kBlock = BlockKeys::kBlock;
   const std::int64_t B = bk.B, t0 = bk.t0, n_keys = bk.n_keys, d = sh.head_dim;
   const int G = s.group();
@@ -172,8 +163,8 @@ void BM_weightedkv_block(benchmark::State& state) {
       std::vector<float> logits(static_cast<std::size_t>(G * kBlock * n_keys)), probs(static_cast<std::size_t>(B));
 #pragma omp for schedule(static)
       for (int g = 0; g < sh.kv_heads; ++g) {
-        opt::cpu::group_block_logits(s, st.q.data<S>(), bk.keys[static_cast<std::size_t>(g)].data(), n_keys, g, t0,
-                                     kBlock, logits.data());
+        opt::cpu::group_block_logits(s, st.q.data<S>(), st.k.data<S>(), bk.keys[static_cast<std::size_t>(g)].data(),
+                                     n_keys, g, t0, kBlock, logits.data());
         benchmark::DoNotOptimize(logits.data());
         if (logits_only) continue;
         for (std::int64_t u = 0; u < kBlock; ++u) {  // query t0 + u over the B slots it sees
@@ -185,7 +176,7 @@ void BM_weightedkv_block(benchmark::State& state) {
     }
   });
   const double flops = 2.0 * s.q_heads * static_cast<double>(kBlock) * static_cast<double>(n_keys) * static_cast<double>(d);
-  report(state, t, static_cast<double>(s.q_heads * kBlock * d * sizeof(S) + sh.kv_heads * n_keys * d * 4), flops,
+  report(state, t, static_cast<double>((s.q_heads * kBlock + sh.kv_heads * n_keys) * d * sizeof(S)), flops,
          false);
   state.counters["queries"] = kBlock;
   state.counters["cache_slots"] = static_cast<double>(B);

@@ -512,15 +512,12 @@ TEST(CpuKernels, GroupBlockLogitsThenPrefixSoftmaxIsTheGroupsSoftmaxOverTheSlots
       for (int g = 0; g < hkv; ++g) {
         // Query 36 inside the block of prompt queries [32, 40).
         const std::int64_t t0 = 32, n = T - t0, u = 36 - t0;
-        std::vector<float> k32(static_cast<std::size_t>(T * d)), gathered(static_cast<std::size_t>(nc * d)),
-            block(static_cast<std::size_t>(3 * n * nc), std::nanf("")), out(static_cast<std::size_t>(len), std::nanf(""));
+        std::vector<float> block(static_cast<std::size_t>(3 * n * nc), std::nanf("")),
+            out(static_cast<std::size_t>(len), std::nanf(""));
         opt::cpu::dispatch_storage(t, [&](auto tag) {
           using S = decltype(tag);
-          opt::cpu::load_row(k.storage.data<S>() + static_cast<std::int64_t>(g) * T * d, T * d, k32.data());
-          for (std::int64_t c = 0; c < nc; ++c)
-            std::copy_n(&k32[static_cast<std::size_t>(columns[static_cast<std::size_t>(c)] * d)], d,
-                        &gathered[static_cast<std::size_t>(c * d)]);
-          opt::cpu::group_block_logits(s, q.storage.data<S>(), gathered.data(), nc, g, t0, n, block.data());
+          opt::cpu::group_block_logits(s, q.storage.data<S>(), k.storage.data<S>(), columns.data(), nc, g, t0, n,
+                                       block.data());
         });
         for (float x : block) ASSERT_FALSE(std::isnan(x)) << "block logits leave an entry unwritten";
         for (int h = 0; h < 3; ++h) {
@@ -560,25 +557,31 @@ TEST(CpuKernels, GroupBlockLogitsDependOnlyOnTheirQueryAndKey) {
   const std::int64_t T = 53;
   for (int d : {128, 12}) {
     const int hq = 8, hkv = 2, G = 4;
-    const Heads q = random_heads(hq, T, d, DType::kF16, 43), k = random_heads(hkv, T, d, DType::kF32, 44);
+    const Heads q = random_heads(hq, T, d, DType::kF16, 43), k = random_heads(hkv, T, d, DType::kF16, 44);
     const opt::cpu::LayerShape s{hq, hkv, d, T};
     const int g = 1;
-    const float* keys = k.storage.data<float>() + static_cast<std::int64_t>(g) * T * d;
+    const opt::cpu::f16* qs = q.storage.data<opt::cpu::f16>();
+    const opt::cpu::f16* ks = k.storage.data<opt::cpu::f16>();
     // All 41 queries [12, 53) against all 53 keys: 164 rows x 53 keys in tiles.
     const std::int64_t t0 = 12, n = T - t0;
+    std::vector<std::int64_t> every(static_cast<std::size_t>(T));
+    std::iota(every.begin(), every.end(), std::int64_t{0});
     std::vector<float> all(static_cast<std::size_t>(G * n * T));
-    opt::cpu::group_block_logits(s, q.storage.data<opt::cpu::f16>(), keys, T, g, t0, n, all.data());
-    // Each query alone, against the keys from 7 on (other tiles, other tails).
+    opt::cpu::group_block_logits(s, qs, ks, every.data(), T, g, t0, n, all.data());
+    // Each query alone, against the keys from 7 on in reverse order (other
+    // tiles, other tails, gathered rows).
     const std::int64_t first = 7, m = T - first;
+    std::vector<std::int64_t> reversed(static_cast<std::size_t>(m));
+    for (std::int64_t j = 0; j < m; ++j) reversed[static_cast<std::size_t>(j)] = T - 1 - j;
     std::vector<float> one(static_cast<std::size_t>(G * m));
     for (std::int64_t u = 0; u < n; ++u) {
-      opt::cpu::group_block_logits(s, q.storage.data<opt::cpu::f16>(), keys + first * d, m, g, t0 + u, 1, one.data());
+      opt::cpu::group_block_logits(s, qs, ks, reversed.data(), m, g, t0 + u, 1, one.data());
       for (int i = 0; i < G; ++i)
         for (std::int64_t j = 0; j < m; ++j) {
-          const float a = all[static_cast<std::size_t>((i * n + u) * T + first + j)];
+          const float a = all[static_cast<std::size_t>((i * n + u) * T + T - 1 - j)];
           const float b = one[static_cast<std::size_t>(i * m + j)];
           ASSERT_EQ(std::memcmp(&a, &b, sizeof(float)), 0)
-              << "d " << d << " q head " << i << " query " << t0 + u << " key " << first + j << ": " << a << " vs " << b;
+              << "d " << d << " q head " << i << " query " << t0 + u << " key " << T - 1 - j << ": " << a << " vs " << b;
         }
     }
   }

@@ -31,7 +31,7 @@ class WeightedKVCpu final : public BackendMethod {
   ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const override {
     c_.check_budget(budget);
     const std::int64_t T = in.shape.tokens;
-    const int hq = in.shape.q_heads, hkv = in.shape.kv_heads, d = in.shape.head_dim, G = in.shape.group();
+    const int hq = in.shape.q_heads, hkv = in.shape.kv_heads, G = in.shape.group();
     std::vector<Plan> plans(static_cast<std::size_t>(hkv));
     if (!c_.streaming_prefill) {
       std::vector<float> computed, sums(static_cast<std::size_t>(hkv * T));
@@ -48,14 +48,13 @@ class WeightedKVCpu final : public BackendMethod {
       const S* q = in.q.data<S>();
       const S* k = in.k.data<S>();
       parallel_heads(hkv, [&](int g) {
-        // The head's keys in fp32 once. When the loop reaches a block of
-        // prompt queries, one GEMM gives their logits against every key they
-        // may see: the keys alive now plus the block's own tokens (keys are
-        // never modified, only dropped). A key dropped inside the block is
+        // When the loop reaches a block of prompt queries, one GEMM gives
+        // their logits against every key they may see, read where they lie:
+        // the keys alive now plus the block's own tokens (keys are never
+        // modified, only dropped). A key dropped inside the block is
         // set to -inf in the logit rows of the block's later queries, so each
         // query's softmax runs over a prefix of its rows, with no gather.
-        std::vector<float> K(static_cast<std::size_t>(T * d)), rows, logits, acc;
-        cpu::load_row(k + static_cast<std::int64_t>(g) * T * d, T * d, K.data());
+        std::vector<float> logits, acc;
         std::vector<std::int64_t> keys, cols;  // the block's column keys; the slots' columns, in slot order
         std::int64_t t0 = 0, n = 0, nk = 0, base = 0;  // base: slots at the block's start (token t0 the last)
         const auto internal = [&](std::int64_t i, const std::string& what) {
@@ -72,12 +71,9 @@ class WeightedKVCpu final : public BackendMethod {
             base = m;
             for (std::int64_t j = i + 1; j < t0 + n; ++j) keys.push_back(j);
             nk = static_cast<std::int64_t>(keys.size());
-            rows.resize(static_cast<std::size_t>(nk * d));
-            for (std::int64_t c = 0; c < nk; ++c)
-              std::copy_n(&K[static_cast<std::size_t>(key_of(c) * d)], d, &rows[static_cast<std::size_t>(c * d)]);
             logits.resize(static_cast<std::size_t>(G * n * nk));
             acc.resize(static_cast<std::size_t>(nk));
-            cpu::group_block_logits(in.shape, q, rows.data(), nk, g, t0, n, logits.data());
+            cpu::group_block_logits(in.shape, q, k, keys.data(), nk, g, t0, n, logits.data());
             cols.resize(static_cast<std::size_t>(m));
             std::iota(cols.begin(), cols.end(), std::int64_t{0});
           } else {

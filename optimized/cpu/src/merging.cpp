@@ -244,14 +244,14 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 }
 
 template <class S>
-void group_block_logits(const LayerShape& s, const S* q, const float* keys, std::int64_t n_keys, int kv, std::int64_t t0,
-                        std::int64_t n, float* out) {
+void group_block_logits(const LayerShape& s, const S* q, const S* k, const std::int64_t* keys, std::int64_t n_keys, int kv,
+                        std::int64_t t0, std::int64_t n, float* out) {
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   std::vector<float> Q(static_cast<std::size_t>(G * n * d));
   for (int i = 0; i < G; ++i)
     detail::load_rows(q, static_cast<std::int64_t>(kv) * G + i, s.tokens, d, t0, n, scale, &Q[static_cast<std::size_t>(i * n * d)]);
-  detail::gemm_qkt(Q.data(), G * n, keys, n_keys, d, out, n_keys);
+  detail::gemm_qkt_rows(Q.data(), G * n, k + static_cast<std::int64_t>(kv) * s.tokens * d, keys, n_keys, d, out, n_keys);
 }
 
 void group_prefix_softmax(float* rows, std::int64_t head_stride, int group, std::int64_t len, Reduce r, float* out) {
@@ -279,8 +279,8 @@ void group_prefix_softmax(float* rows, std::int64_t head_stride, int group, std:
 #define KVSCOPE_MERGING(S)                                                                                       \
   template void gaussian_merge_weights<S>(const S*, std::int64_t, int, const std::int64_t*, const std::int64_t*, \
                                           std::int64_t, SigmaMode, float, float*);                               \
-  template void group_block_logits<S>(const LayerShape&, const S*, const float*, std::int64_t, int, std::int64_t, \
-                                      std::int64_t, float*);
+  template void group_block_logits<S>(const LayerShape&, const S*, const S*, const std::int64_t*, std::int64_t, int, \
+                                      std::int64_t, std::int64_t, float*);
 KVSCOPE_CPU_INSTANTIATE(KVSCOPE_MERGING)
 
 }  // namespace kvscope::opt::cpu

@@ -32,12 +32,12 @@ constexpr int kTileRows = 12;
 constexpr int kTileRows = 6;
 #endif
 
-/// out[c * 8 + v] = in[v * ld + c] for an 8 x 8 block of storage, as fp32
+/// out[c * 8 + v] = row[v][c0 + c] for an 8 x 8 block of storage, as fp32
 /// (converted in registers, exact).
 template <class S>
-inline void transpose8(const S* in, std::int64_t ld, float* out, std::int64_t out_ld) {
+inline void transpose8(const S* const* row, int c0, float* out, std::int64_t out_ld) {
   __m256 r[8], t[8];
-  for (int v = 0; v < 8; ++v) r[v] = load8(in + v * ld);
+  for (int v = 0; v < 8; ++v) r[v] = load8(row[v] + c0);
   for (int p = 0; p < 4; ++p) {
     t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
     t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
@@ -54,16 +54,16 @@ inline void transpose8(const S* in, std::int64_t ld, float* out, std::int64_t ou
   }
 }
 
-/// Kt[c * 16 + v] = K[v, c] as fp32 for the tile's n <= 16 keys (missing keys 0).
+/// Kt[c * 16 + v] = row[v][c] as fp32 for the tile's n <= 16 keys (missing keys 0).
 template <class S>
-void transpose_tile(const S* K, std::int64_t n, int d, float* Kt) {
+void transpose_tile(const S* const* row, std::int64_t n, int d, float* Kt) {
   if (n == kTileKeys && d % 8 == 0) {
     for (int c = 0; c < d; c += 8)
-      for (int h = 0; h < 2; ++h) transpose8(K + h * 8 * d + c, d, Kt + c * kTileKeys + h * 8, kTileKeys);
+      for (int h = 0; h < 2; ++h) transpose8(row + h * 8, c, Kt + c * kTileKeys + h * 8, kTileKeys);
     return;
   }
   for (int c = 0; c < d; ++c)
-    for (int v = 0; v < kTileKeys; ++v) Kt[c * kTileKeys + v] = v < n ? to_f32(K[v * d + c]) : 0.0f;
+    for (int v = 0; v < kTileKeys; ++v) Kt[c * kTileKeys + v] = v < n ? to_f32(row[v][c]) : 0.0f;
 }
 
 /// logits[MR, n <= 16] of MR query rows against one transposed key tile: each
@@ -112,28 +112,39 @@ void qkt_rest(std::int64_t rows, const float* Q, int d, const float* Kt, std::in
 
 }  // namespace
 
+/// gemm_qkt over the keys K + key(v) * d, v < n (key(v) = v or rows[v]).
 template <class S>
-void gemm_qkt(const float* Q, std::int64_t R, const S* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
+void gemm_qkt_rows(const float* Q, std::int64_t R, const S* K, const std::int64_t* rows, std::int64_t n, int d,
+                   float* logits, std::int64_t ld) {
   if (R == 0 || n == 0) return;
+  const auto key = [&](std::int64_t v) { return K + (rows ? rows[v] : v) * d; };
 #if KVSCOPE_CPU_AVX2
   // Key tiles outside (converted and transposed once, kept in L1), query rows inside.
   std::vector<float> Kt(static_cast<std::size_t>(kTileKeys * d));
-  // The tile after next (past n too: a hint never faults, and a caller's
-  // next block usually follows) is hinted a share before each row tile: a
-  // tile read straight from memory (window scores) otherwise stalls its
-  // transpose, and one burst of 64 hints stalled on the miss queue.
-  const std::int64_t tile_bytes = kTileKeys * d * static_cast<std::int64_t>(sizeof(S));
+  const S* tile[kTileKeys];
+  // The tile after next is hinted a share before each row tile: a tile read
+  // straight from memory (window scores) otherwise stalls its transpose, and
+  // one burst of 64 hints stalled on the miss queue. Contiguous keys: one
+  // range, past n too (a hint never faults, and a caller's next block
+  // usually follows); gathered keys: row by row, up to n.
+  const std::int64_t row_bytes = d * static_cast<std::int64_t>(sizeof(S)), tile_bytes = kTileKeys * row_bytes;
   const std::int64_t row_tiles = (R + kTileRows - 1) / kTileRows;
   const std::int64_t share = (tile_bytes / row_tiles + 63) / 64 * 64;
+  const std::int64_t rows_per_share = (kTileKeys + row_tiles - 1) / row_tiles;
   for (std::int64_t j = 0; j < n; j += kTileKeys) {
-    const std::int64_t nj = std::min<std::int64_t>(kTileKeys, n - j);
-    const char* ahead = reinterpret_cast<const char*>(K + (j + 2 * kTileKeys) * d);
-    transpose_tile(K + j * d, nj, d, Kt.data());
+    const std::int64_t nj = std::min<std::int64_t>(kTileKeys, n - j), next = j + 2 * kTileKeys;
+    for (std::int64_t v = 0; v < nj; ++v) tile[v] = key(j + v);
+    transpose_tile(tile, nj, d, Kt.data());
     std::int64_t r = 0, hinted = 0;
     const auto hint = [&] {
-      const std::int64_t b = std::min(share, tile_bytes - hinted);
-      if (b > 0) prefetch(ahead + hinted, static_cast<std::size_t>(b));
-      hinted += b;
+      if (!rows) {
+        const std::int64_t b = std::min(share, tile_bytes - hinted);
+        if (b > 0) prefetch(reinterpret_cast<const char*>(K + next * d) + hinted, static_cast<std::size_t>(b));
+        hinted += b;
+        return;
+      }
+      for (std::int64_t u = 0; u < rows_per_share && hinted < kTileKeys && next + hinted < n; ++u, ++hinted)
+        prefetch(key(next + hinted), static_cast<std::size_t>(row_bytes));
     };
     for (; r + kTileRows <= R; r += kTileRows) {
       hint();
@@ -149,15 +160,26 @@ void gemm_qkt(const float* Q, std::int64_t R, const S* K, std::int64_t n, int d,
   // block layout, CpuKernels.GroupBlockLogitsDependOnlyOnTheirQueryAndKey.)
   std::vector<float> k(static_cast<std::size_t>(d));
   for (std::int64_t j = 0; j < n; ++j) {
-    load_row(K + j * d, d, k.data());
+    load_row(key(j), d, k.data());
     for (std::int64_t r = 0; r < R; ++r) logits[r * ld + j] = dot8(Q + r * d, k.data(), d);
   }
 #endif
 }
 
+template <class S>
+void gemm_qkt(const float* Q, std::int64_t R, const S* K, std::int64_t n, int d, float* logits, std::int64_t ld) {
+  gemm_qkt_rows(Q, R, K, nullptr, n, d, logits, ld);
+}
+
 template void gemm_qkt<float>(const float*, std::int64_t, const float*, std::int64_t, int, float*, std::int64_t);
 template void gemm_qkt<f16>(const float*, std::int64_t, const f16*, std::int64_t, int, float*, std::int64_t);
 template void gemm_qkt<bf16>(const float*, std::int64_t, const bf16*, std::int64_t, int, float*, std::int64_t);
+template void gemm_qkt_rows<float>(const float*, std::int64_t, const float*, const std::int64_t*, std::int64_t, int,
+                                   float*, std::int64_t);
+template void gemm_qkt_rows<f16>(const float*, std::int64_t, const f16*, const std::int64_t*, std::int64_t, int, float*,
+                                 std::int64_t);
+template void gemm_qkt_rows<bf16>(const float*, std::int64_t, const bf16*, const std::int64_t*, std::int64_t, int,
+                                  float*, std::int64_t);
 
 constexpr int kLanes = 8;
 

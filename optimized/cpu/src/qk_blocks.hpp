@@ -53,6 +53,13 @@ void load_rows(const S* x, std::int64_t h, std::int64_t tokens, int d, std::int6
 template <class S>
 void gemm_qkt(const float* Q, std::int64_t R, const S* K, std::int64_t n, int d, float* logits, std::int64_t ld);
 
+/// The same against the gathered keys K + rows[v] * d, v < n (rows may
+/// repeat or go in any order; nullptr: contiguous), read in place: a caller
+/// with a subset of the keys copies none of them.
+template <class S>
+void gemm_qkt_rows(const float* Q, std::int64_t R, const S* K, const std::int64_t* rows, std::int64_t n, int d,
+                   float* logits, std::int64_t ld);
+
 /// In place: x <- exp(x) over n entries, eight lanes at a time (tail included)
 /// through glibc's vector expf, so each result depends on its input only.
 void exp_inplace(float* x, std::int64_t n);
