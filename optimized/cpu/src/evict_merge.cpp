@@ -147,8 +147,8 @@ void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::i
             const std::int64_t j0 = lo + (b - 1) * detail::kKeyBlock, n = std::min(detail::kKeyBlock, t1 - j0);
             detail::gemm_qkt(Q.data(), R, &K[static_cast<std::size_t>(j0 * d)], n, d, &L[static_cast<std::size_t>(ns + j0 - lo)], cols);
           }
-          // Each query row (group mean of its q heads' softmax over the cache) by one thread.
-          std::vector<float> logit(static_cast<std::size_t>(budget));
+          // Each query row (group mean of its q heads' softmax over the cache)
+          // by one thread, in place in L: the sink run and the window run.
 #pragma omp for schedule(static)
           for (std::int64_t t = t0; t < t1; ++t) {
             float* row = &rows[static_cast<std::size_t>((t - t0) * budget)];
@@ -156,11 +156,14 @@ void cam_merge_probabilities(const LayerShape& s, const S* q, const S* k, std::i
                                n_window = std::max<std::int64_t>(0, t + 1 - ws);
             std::fill(row, row + n, 0.0f);
             for (int i = 0; i < G; ++i) {
-              const float* l = &L[static_cast<std::size_t>((i * nb + t - t0) * cols)];
-              std::copy(l, l + n_sinks, logit.data());
-              std::copy(l + ns + (ws - lo), l + ns + (ws - lo) + n_window, logit.data() + n_sinks);
-              detail::softmax_inplace(logit.data(), n);
-              for (std::int64_t j = 0; j < n; ++j) row[j] += logit[static_cast<std::size_t>(j)] / static_cast<float>(G);
+              float* sink_run = &L[static_cast<std::size_t>((i * nb + t - t0) * cols)];
+              float* window_run = sink_run + ns + (ws - lo);
+              const float m = std::max(detail::max_of(sink_run, n_sinks), detail::max_of(window_run, n_window));
+              const float inv = 1.0f / (detail::exp_shifted_sum(sink_run, n_sinks, m) +
+                                        detail::exp_shifted_sum(window_run, n_window, m));
+              for (std::int64_t j = 0; j < n_sinks; ++j) row[j] += sink_run[j] * inv / static_cast<float>(G);
+              float* row_window = row + n_sinks;
+              for (std::int64_t j = 0; j < n_window; ++j) row_window[j] += window_run[j] * inv / static_cast<float>(G);
             }
           }
         }
