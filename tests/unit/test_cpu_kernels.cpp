@@ -503,7 +503,8 @@ TEST(CpuKernels, GroupBlockLogitsThenPrefixSoftmaxIsTheGroupsSoftmaxOverTheSlots
   // -inf in its rows, and the last column (a key after the prefix) is NaN.
   const std::vector<std::int64_t> columns = {0, 2, 3, 4, 9, 17, 20, 21, 25, 33, 38};
   const std::vector<std::int64_t> cols = {0, 2, 3, 5, 6, 7, 9};  // the slots' columns
-  const std::int64_t nc = static_cast<std::int64_t>(columns.size()), len = nc - 1, m = static_cast<std::int64_t>(cols.size());
+  const auto nc = static_cast<std::int64_t>(columns.size()), m = static_cast<std::int64_t>(cols.size());
+  const std::int64_t len = nc - 1;
   for (DType t : kDtypes)
     for (ref::Reduce r : {ref::Reduce::kMean, ref::Reduce::kSum, ref::Reduce::kMax}) {
       const Heads q = random_heads(hq, T, d, t, 41), k = random_heads(hkv, T, d, t, 42);
@@ -533,15 +534,16 @@ TEST(CpuKernels, GroupBlockLogitsThenPrefixSoftmaxIsTheGroupsSoftmaxOverTheSlots
           if (slot)
             got.push_back(out[static_cast<std::size_t>(c)]);
           else
-            EXPECT_EQ(out[static_cast<std::size_t>(c)], 0.0f) << "a masked column gets probability " << out[static_cast<std::size_t>(c)];
+            EXPECT_EQ(out[static_cast<std::size_t>(c)], 0.0f) << "masked column " << c;
         }
         std::vector<VecX> per_q;
         for (int h = 0; h < hq; ++h) {
           const MatX& K = k.mats[static_cast<std::size_t>(h / 3)];
           VecX logits(m);
-          for (std::int64_t j = 0; j < m; ++j)
-            logits[j] = q.mats[static_cast<std::size_t>(h)].row(36).dot(
-                            K.row(columns[static_cast<std::size_t>(cols[static_cast<std::size_t>(j)])])) / std::sqrt(double(d));
+          for (std::int64_t j = 0; j < m; ++j) {
+            const std::int64_t key = columns[static_cast<std::size_t>(cols[static_cast<std::size_t>(j)])];
+            logits[j] = q.mats[static_cast<std::size_t>(h)].row(36).dot(K.row(key)) / std::sqrt(double(d));
+          }
           per_q.push_back(ref::softmax(logits));
         }
         EXPECT_LT(max_rel_diff(got.data(), ref::group_reduce(per_q, g, hq, hkv, r)), 1e-5) << dtype_name(t) << " kv " << g;

@@ -108,15 +108,15 @@ class WeightedKVCpu final : public BackendMethod {
           const bool full_check = i == t0 + n - 1;
           for (std::int64_t s = 0; s < m; ++s) {
             if (!full_check && s == 1) s = m - 1;
-            if (key_of(cols[static_cast<std::size_t>(s)]) != slots[static_cast<std::size_t>(s)].key)
-              throw internal(i, "slot " + std::to_string(s) + " (key " + std::to_string(slots[static_cast<std::size_t>(s)].key) +
-                                    ") is not at its logit column");
+            const std::int64_t key = slots[static_cast<std::size_t>(s)].key;
+            if (key_of(cols[static_cast<std::size_t>(s)]) != key)
+              throw internal(i, "slot " + std::to_string(s) + " (key " + std::to_string(key) + ") is not at its logit column");
           }
           const std::int64_t len = base + (i - t0);  // columns of the keys up to token i
           cpu::group_prefix_softmax(&logits[static_cast<std::size_t>((i - t0) * nk)], n * nk, G, len, to_cpu(c_.gqa),
                                     acc.data());
           out.resize(static_cast<std::size_t>(m));
-          for (std::int64_t s = 0; s < m; ++s) out[static_cast<std::size_t>(s)] = acc[static_cast<std::size_t>(cols[static_cast<std::size_t>(s)])];
+          for (std::size_t s = 0; s < out.size(); ++s) out[s] = acc[static_cast<std::size_t>(cols[s])];
         };
         plans[static_cast<std::size_t>(g)] = ref::weightedkv_plan(ref::weightedkv_stream(T, budget, c_, attend), T);
       });

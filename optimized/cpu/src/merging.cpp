@@ -244,8 +244,8 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 }
 
 template <class S>
-void group_block_logits(const LayerShape& s, const S* q, const S* k, const std::int64_t* keys, std::int64_t n_keys, int kv,
-                        std::int64_t t0, std::int64_t n, float* out) {
+void group_block_logits(const LayerShape& s, const S* q, const S* k, const std::int64_t* keys, std::int64_t n_keys,
+                        int kv, std::int64_t t0, std::int64_t n, float* out) {
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   std::vector<float> Q(static_cast<std::size_t>(G * n * d));

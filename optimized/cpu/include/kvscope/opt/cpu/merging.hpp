@@ -42,8 +42,8 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
 /// out[(i * n + u) * n_keys + c] = q_{kv*G+i, t0+u} . k_{kv, keys[c]} / sqrt(d).
 /// Serial (callers run one kv head per thread).
 template <class S>
-void group_block_logits(const LayerShape& s, const S* q, const S* k, const std::int64_t* keys, std::int64_t n_keys, int kv,
-                        std::int64_t t0, std::int64_t n, float* out);
+void group_block_logits(const LayerShape& s, const S* q, const S* k, const std::int64_t* keys, std::int64_t n_keys,
+                        int kv, std::int64_t t0, std::int64_t n, float* out);
 
 /// Then per query: the softmax of each of the G q heads over the first `len`
 /// columns of its logit row (head i's row at rows + i * head_stride; a
