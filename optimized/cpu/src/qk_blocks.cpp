@@ -269,9 +269,4 @@ float softmax_unnormalised(float* x, std::int64_t len) {
   return 1.0f / exp_shifted_sum(x, len, max_of(x, len));
 }
 
-void softmax_inplace(float* x, std::int64_t len) {
-  const float inv = softmax_unnormalised(x, len);
-  for (std::int64_t i = 0; i < len; ++i) x[i] *= inv;
-}
-
 }  // namespace kvscope::opt::cpu::detail

@@ -76,7 +76,4 @@ float exp_shifted_sum(float* x, std::int64_t n, float m);
 /// normalisation into its own pass over the row instead of a pass of its own.
 float softmax_unnormalised(float* x, std::int64_t len);
 
-/// In place: x <- softmax(x) over len entries (max subtracted). No-op for len <= 0.
-void softmax_inplace(float* x, std::int64_t len);
-
 }  // namespace kvscope::opt::cpu::detail
