@@ -94,22 +94,38 @@ void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, flo
 }
 
 /// scaled_sq_distances<false> that also returns the largest |difference| and
-/// the least non-zero one (+inf when every difference is 0).
+/// the least non-zero one (+inf when every difference is 0). Four rows at a
+/// time, like scaled_sq_distances (the same bits), each with its own range:
+/// one row at a time, its FMA chain held bf16 and fp32 to ~45% of the copy
+/// bandwidth (docs/performance.md, run 12).
 template <class S>
 void sq_distances_and_range(const float* kp, const S* k, std::int64_t m, int d, float* dist2, float& hi, float& lo) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-  __m256 h = _mm256_setzero_ps(), l = _mm256_set1_ps(INFINITY);
-  for (std::int64_t i = 0; i < m; ++i) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  detail::AbsRange range[4];
+  std::int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const S* r = k + i * d;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int c = 0; c < d; c += 8)
+      for (int u = 0; u < 4; ++u) {
+        const __m256 v = scaled_difference<false>(kp, r + u * d, c, one, one);
+        acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
+        range[u].add(v);
+      }
+    for (int u = 0; u < 4; ++u) dist2[i + u] = detail::hsum(acc[u]);
+  }
+  for (; i < m; ++i) {
     __m256 acc = _mm256_setzero_ps();
     for (int c = 0; c < d; c += 8) {
       const __m256 v = scaled_difference<false>(kp, k + i * d, c, one, one);
       acc = _mm256_fmadd_ps(v, v, acc);
-      detail::track_abs_range(_mm256_andnot_ps(sign, v), h, l);
+      range[0].add(v);
     }
     dist2[i] = detail::hsum(acc);
   }
-  hi = detail::hmax(h);
-  lo = detail::hmin(l);
+  for (int u = 1; u < 4; ++u) range[0].add(range[u]);
+  hi = range[0].high();
+  lo = range[0].low();
 }
 #endif
 

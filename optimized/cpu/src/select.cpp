@@ -111,27 +111,45 @@ void top_k(const float* scores, std::span<const std::int64_t> candidates, std::i
 
 namespace {
 
-/// a . b and b . b in one pass over d floats. Under AVX2 (d % 32 == 0) each
-/// is four eight-lane FMA chains summed in a fixed order: one chain per dot
-/// left the cosine kernel compute-bound at a quarter of the copy bandwidth.
-void fused_dots(const float* a, const float* b, int d, float& ab, float& bb) {
+/// a . b and b . b in one pass over d values, each row fp32 or storage
+/// converted in registers (the same bits either way). Under AVX2
+/// (d % 32 == 0) each dot is four eight-lane FMA chains summed in a fixed
+/// order: one chain per dot left the cosine kernel compute-bound at a quarter
+/// of the copy bandwidth. With `b_range`, also b's largest and least non-zero
+/// |value| (abs_range's), taken from the same registers.
+template <class SA, class SB>
+void fused_dots(const SA* a, const SB* b, int d, float& ab, float& bb, float* b_range = nullptr) {
 #if KVSCOPE_CPU_AVX2
   if (d % 32 == 0) {
     __m256 x[4], y[4];
-    for (int l = 0; l < 4; ++l) x[l] = y[l] = _mm256_setzero_ps();
+    detail::AbsRange range;
+    for (int l4 = 0; l4 < 4; ++l4) x[l4] = y[l4] = _mm256_setzero_ps();
     for (int i = 0; i < d; i += 32)
-      for (int l = 0; l < 4; ++l) {
-        const __m256 va = _mm256_loadu_ps(a + i + 8 * l), vb = _mm256_loadu_ps(b + i + 8 * l);
-        x[l] = _mm256_fmadd_ps(va, vb, x[l]);
-        y[l] = _mm256_fmadd_ps(vb, vb, y[l]);
+      for (int u = 0; u < 4; ++u) {
+        const __m256 va = detail::load8(a + i + 8 * u), vb = detail::load8(b + i + 8 * u);
+        x[u] = _mm256_fmadd_ps(va, vb, x[u]);
+        y[u] = _mm256_fmadd_ps(vb, vb, y[u]);
+        if (b_range) range.add(vb);
       }
     ab = detail::hsum(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
     bb = detail::hsum(_mm256_add_ps(_mm256_add_ps(y[0], y[1]), _mm256_add_ps(y[2], y[3])));
+    if (b_range) {
+      b_range[0] = range.high();
+      b_range[1] = range.low();
+    }
     return;
   }
 #endif
-  ab = dot(a, b, d);
-  bb = dot(b, b, d);
+  if constexpr (std::is_same_v<SA, float> && std::is_same_v<SB, float>) {
+    ab = dot(a, b, d);
+    bb = dot(b, b, d);
+    if (b_range) b_range[0] = detail::abs_range(b, d, b_range[1]);
+  } else {  // storage rows come here only from callers without the AVX2 path
+    std::vector<float> fa(static_cast<std::size_t>(d)), fb(static_cast<std::size_t>(d));
+    load_row(a, d, fa.data());
+    load_row(b, d, fb.data());
+    fused_dots(fa.data(), fb.data(), d, ab, bb, b_range);
+  }
 }
 
 float squared_norm(const float* a, int d) {
@@ -140,28 +158,40 @@ float squared_norm(const float* a, int d) {
   return aa;
 }
 
+/// Significands below 2^-60 (bf16) or 2^-40 (fp32) make rescaling change bits
+/// (detail::rescale_changes_no_bit); fp16 never needs the scale (load_scaled).
+template <class S>
+constexpr float kExactFloor = std::is_same_v<S, bf16> ? 0x1p-60f : 0x1p-40f;
+
+/// Whether a row with |values| in [lo, hi] (lo the least non-zero) is used as
+/// stored: its scale exponent is 0, or scaling it changes no bit of a cosine.
+template <class S>
+bool used_unscaled(float hi, float lo) {
+  if constexpr (std::is_same_v<S, f16>) return true;
+  return detail::rescale_changes_no_bit(math::scale_exponent(hi), lo, kExactFloor<S>);
+}
+
 /// Loads a key row as fp32, scaled by 2^-e (in two exact halves, e = its
 /// scale exponent) so the squared norms of tiny keys do not underflow nor
 /// those of huge keys overflow. A NaN anywhere makes the cosine NaN or 0
-/// whatever the scale, so the max may ignore or keep it.
+/// whatever the scale, so the max may ignore or keep it. Returns whether the
+/// row was scaled.
 template <class S>
-void load_scaled(const S* src, int d, float* row) {
+bool load_scaled(const S* src, int d, float* row) {
   load_row(src, d, row);
   // fp16 needs no scaling: its squares and products (>= 2^-48 unless 0, sums
   // <= 2^39) stay normal in fp32, where a power-of-two scale commutes with
   // every rounding. The cosine is then the same bits with or without it.
-  if constexpr (std::is_same_v<S, f16>) return;
-  // Nor does a row whose scale changes no bit (typical keys: they skip a
-  // pass over the row).
-  constexpr float kExactFloor = std::is_same_v<S, bf16> ? 0x1p-60f : 0x1p-40f;
+  // Nor does a row whose scale changes no bit (typical keys).
+  if constexpr (std::is_same_v<S, f16>) return false;
   float lo = 0.0f;
-  const int e = math::scale_exponent(detail::abs_range(row, d, lo));
-  if (!detail::rescale_changes_no_bit(e, lo, kExactFloor)) {
-    const int h1 = -e / 2;
-    const float f1 = detail::pow2(h1), f2 = detail::pow2(-e - h1);  // |h| <= 74
+  const float hi = detail::abs_range(row, d, lo);
+  if (used_unscaled<S>(hi, lo)) return false;
+  const int e = math::scale_exponent(hi), h1 = -e / 2;
+  const float f1 = detail::pow2(h1), f2 = detail::pow2(-e - h1);  // |h| <= 74
 #pragma omp simd
-    for (int i = 0; i < d; ++i) row[i] = row[i] * f1 * f2;
-  }
+  for (int i = 0; i < d; ++i) row[i] = row[i] * f1 * f2;
+  return true;
 }
 
 // Pairs per work item: each item loads one row more than it has pairs.
@@ -183,17 +213,38 @@ void adjacent_key_cosine(const LayerShape& s, const S* k, float* out) {
       const std::int64_t h = item / per_head, j0 = item % per_head * kPairsPerItem;
       const std::int64_t j1 = std::min(j0 + kPairsPerItem, pairs);
       const S* kh = k + h * T * d;
-      // Row j + 1 of pair j is row j of pair j + 1: convert and scale each row once.
-      load_scaled(kh + j0 * d, d, a.data());
+      // Row j + 1 of pair j is row j of pair j + 1: each row is converted
+      // (and scaled) once. While both rows of a pair are used as stored (the
+      // common case), the dots read them straight from storage and take the
+      // new row's range on the way; a row that needs its scale goes through
+      // the fp32 buffers, in the same arithmetic, so the same bits either way.
+      bool a_scaled = load_scaled(kh + j0 * d, d, a.data());
       float na = squared_norm(a.data(), d);
+      [[maybe_unused]] bool a_in_buffer = true;
       for (std::int64_t j = j0; j < j1; ++j) {
-        prefetch(reinterpret_cast<const char*>(kh + (j + 1) * d) + kPrefetchAhead, d * sizeof(S));
-        load_scaled(kh + (j + 1) * d, d, b.data());
+        const S* next = kh + (j + 1) * d;
+        prefetch(reinterpret_cast<const char*>(next) + kPrefetchAhead, d * sizeof(S));
         float ab = 0.0f, nb = 0.0f;
+#if KVSCOPE_CPU_AVX2
+        if (!a_scaled && d % 32 == 0) {
+          float range[2] = {0.0f, 0.0f};
+          fused_dots(next - d, next, d, ab, nb, std::is_same_v<S, f16> ? nullptr : range);
+          if (used_unscaled<S>(range[0], range[1])) {
+            out[h * pairs + j] = math::cosine(ab, na, nb);
+            na = nb;
+            a_in_buffer = false;
+            continue;
+          }
+          if (!a_in_buffer) load_row(next - d, d, a.data());  // unscaled row j
+        }
+#endif
+        const bool b_scaled = load_scaled(next, d, b.data());
         fused_dots(a.data(), b.data(), d, ab, nb);
         out[h * pairs + j] = math::cosine(ab, na, nb);
         std::swap(a, b);
         na = nb;
+        a_scaled = b_scaled;
+        a_in_buffer = true;
       }
     }
   }

@@ -93,20 +93,42 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
-/// The smallest of the eight lanes.
-inline float hmin(__m256 v) {
-  __m128 h = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_min_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_min_ss(h, _mm_movehdup_ps(h)));
-}
+/// Running largest |x| and least non-zero |x| of eight lanes at a time (the
+/// range a row's scale decision needs), kept as integers: a non-negative
+/// float's bits order like the float, and bits - 1 wraps a zero to the top,
+/// so one unsigned min skips zeros. Two 1-cycle integer ops per vector, where
+/// a float max, compare, blend and min (4-cycle chains) made the range the
+/// critical path of the bf16 cosine (docs/performance.md, run 12).
+/// A NaN may count as the largest or be skipped; callers allow either.
+struct AbsRange {
+  __m256i hi = _mm256_setzero_si256();
+  __m256i lo_m1 = _mm256_set1_epi32(-1);
 
-/// Folds eight |x| into lane-wise running maxima `hi` and least non-zero
-/// values `lo` (start them at 0 and +inf; abs_range's lanes).
-inline void track_abs_range(__m256 a, __m256& hi, __m256& lo) {
-  const __m256 zero = _mm256_setzero_ps();
-  hi = _mm256_max_ps(hi, a);
-  lo = _mm256_min_ps(lo, _mm256_blendv_ps(a, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(a, zero, _CMP_EQ_OQ)));
-}
+  void add(__m256 x) {
+    const __m256i b = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
+    hi = _mm256_max_epu32(hi, b);
+    lo_m1 = _mm256_min_epu32(lo_m1, _mm256_sub_epi32(b, _mm256_set1_epi32(1)));
+  }
+  void add(const AbsRange& o) {
+    hi = _mm256_max_epu32(hi, o.hi);
+    lo_m1 = _mm256_min_epu32(lo_m1, o.lo_m1);
+  }
+  /// max |x| (0 when nothing was added).
+  float high() const {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    return std::bit_cast<float>(static_cast<std::uint32_t>(_mm_cvtsi128_si32(m)));
+  }
+  /// Least non-zero |x|; +inf when every x added was 0.
+  float low() const {
+    __m128i m = _mm_min_epu32(_mm256_castsi256_si128(lo_m1), _mm256_extracti128_si256(lo_m1, 1));
+    m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    const auto least = static_cast<std::uint32_t>(_mm_cvtsi128_si32(m));
+    return least == UINT32_MAX ? INFINITY : std::bit_cast<float>(least + 1);
+  }
+};
 
 }  // namespace kvscope::opt::cpu::detail
 #endif
@@ -167,12 +189,12 @@ inline float abs_range(const float* x, int n, float& lo) {
   float hi = 0.0f;
   lo = INFINITY;
 #if KVSCOPE_CPU_AVX2
-  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY), zero = _mm256_setzero_ps();
-  __m256 h[2] = {zero, zero}, l[2] = {inf, inf};
+  AbsRange r[2];
   for (; i + 16 <= n; i += 16)
-    for (int u = 0; u < 2; ++u) track_abs_range(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i + 8 * u)), h[u], l[u]);
-  hi = hmax(_mm256_max_ps(h[0], h[1]));
-  lo = hmin(_mm256_min_ps(l[0], l[1]));
+    for (int u = 0; u < 2; ++u) r[u].add(_mm256_loadu_ps(x + i + 8 * u));
+  r[0].add(r[1]);
+  hi = r[0].high();
+  lo = r[0].low();
 #endif
   for (; i < n; ++i) {
     const float a = std::abs(x[i]);
