@@ -55,8 +55,12 @@ const BenchLayer& method_layer();
 /// The benchmark layer packed in `dtype` storage (built once per dtype).
 const opt::LayerStorage& layer_storage(DType dtype);
 
-/// Buffer copies of total size >= 128 MiB (4x the L3 of the benchmark machine),
-/// one used per iteration so that memory-bound kernels read from DRAM.
+/// Bytes that memory-bound kernels cycle through: 4x the L3 this machine
+/// reports (sysconf), at least 128 MiB.
+std::size_t dram_footprint();
+
+/// Buffer copies of total size >= dram_footprint(), one used per iteration so
+/// that memory-bound kernels read from DRAM.
 int rotations(std::size_t bytes_per_copy);
 
 /// fp32 FMA peak of all OpenMP threads, flop/s (bench_peak.cpp).

@@ -1,7 +1,7 @@
 // The optimized/cpu kernels on one layer of the benchmark shape, plus the
 // memory-bandwidth rows every bw_ratio divides by. bytes_processed counts the
 // bytes that must move (inputs read once, outputs written once); memory-bound
-// kernels read a rotating set of input copies (>= 128 MiB) so they run from DRAM.
+// kernels read a rotating set of input copies (>= 4x the L3) so they run from DRAM.
 #include <omp.h>
 
 #include <algorithm>

@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("kvscope_copy_GBps (bw_ratio = 1)", fmt(l.copy_Bps / 1e9));
   benchmark::AddCustomContext("kvscope_fp32_fma_peak_GFLOPs", fmt(l.peak_flops / 1e9, 1));
   benchmark::AddCustomContext("kvscope_limits_other_load (> 0.05: contended, rerun)", fmt(l.other_load));
+  benchmark::AddCustomContext("kvscope_dram_footprint_MiB", std::to_string(dram_footprint() >> 20));
   benchmark::AddCustomContext("kvscope_layer", "q_heads " + std::to_string(s.q_heads) + ", kv_heads " +
                                                    std::to_string(s.kv_heads) + ", d " + std::to_string(s.head_dim) +
                                                    ", T " + std::to_string(s.tokens) + ", layer " +
