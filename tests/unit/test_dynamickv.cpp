@@ -13,6 +13,8 @@
 #include <numeric>
 #include <random>
 #include <span>
+#include <thread>
+#include <vector>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/reference/methods/dynamickv.hpp"
@@ -451,9 +453,11 @@ TEST(DynamicKV, MultiLayerReplayUsesTheCouplingSchedule) {
 
 // The bucketed prefix top-k against the definition: sort layers 0..n-1 by
 // (value descending, flat index ascending), count the first k per layer. In
-// double (the reference's scores) and in float (a backend's, read in place).
+// double (the reference's scores) and in float (a backend's, read in place),
+// its passes over the layers run by `each` (empty: in turn).
 template <class V>
-void expect_prefix_counts_equal_a_stable_sort(const std::vector<V>& flat, int L, std::int64_t P, int trial) {
+void expect_prefix_counts_equal_a_stable_sort(const std::vector<V>& flat, int L, std::int64_t P, int trial,
+                                              const ref::ForEachLayer& each, const char* how) {
   std::vector<std::span<const V>> layers;
   for (int l = 0; l < L; ++l) layers.emplace_back(flat.data() + l * P, static_cast<std::size_t>(P));
   // Every prefix and several k, asked at once (queries share buckets), plus
@@ -462,7 +466,7 @@ void expect_prefix_counts_equal_a_stable_sort(const std::vector<V>& flat, int L,
   for (int n = 0; n <= L + 1; ++n)
     for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}, n * P / 3, n * P - 1, n * P, n * P + 5})
       queries.push_back({n, k});
-  const std::vector<std::vector<std::int64_t>> got = ref::prefix_topk_counts<V>(layers, queries);
+  const std::vector<std::vector<std::int64_t>> got = ref::prefix_topk_counts<V>(layers, queries, each);
   ASSERT_EQ(got.size(), queries.size());
   for (std::size_t q = 0; q < queries.size(); ++q) {
     const int n = std::min(queries[q].n, L);
@@ -475,7 +479,8 @@ void expect_prefix_counts_equal_a_stable_sort(const std::vector<V>& flat, int L,
     std::vector<std::int64_t> want(static_cast<std::size_t>(n), 0);
     for (std::int64_t i = 0; i < std::clamp<std::int64_t>(k, 0, n * P); ++i)
       ++want[static_cast<std::size_t>(order[static_cast<std::size_t>(i)] / P)];
-    EXPECT_EQ(got[q], want) << (sizeof(V) == 4 ? "float" : "double") << " trial " << trial << ", L " << L << ", P "
+    EXPECT_EQ(got[q], want) << (sizeof(V) == 4 ? "float" : "double") << ", layers " << how << ", trial " << trial
+                            << ", L " << L << ", P "
                             << P << ", n " << queries[q].n << ", k " << k;
   }
 }
@@ -499,7 +504,19 @@ TEST(DynamicKV, PrefixTopKCountsEqualAStableSortOfEveryPrefix) {
         default: x = rng() % 50 == 0 ? 1e30 : 1e-3 * static_cast<double>(rng() % 9); break;  // one far outlier
       }
     }
-    expect_prefix_counts_equal_a_stable_sort(flat, L, P, trial);
-    expect_prefix_counts_equal_a_stable_sort(std::vector<float>(flat.begin(), flat.end()), L, P, trial);
+    // The layers in turn, last to first, and all at once on their own threads (a backend's loop).
+    const ref::ForEachLayer reversed = [](int n, const std::function<void(int)>& body) {
+      for (int l = n - 1; l >= 0; --l) body(l);
+    };
+    const ref::ForEachLayer threads = [](int n, const std::function<void(int)>& body) {
+      std::vector<std::thread> t;
+      for (int l = 0; l < n; ++l) t.emplace_back(body, l);
+      for (std::thread& x : t) x.join();
+    };
+    const std::vector<float> narrow(flat.begin(), flat.end());
+    expect_prefix_counts_equal_a_stable_sort(flat, L, P, trial, {}, "in turn");
+    expect_prefix_counts_equal_a_stable_sort(flat, L, P, trial, reversed, "last to first");
+    expect_prefix_counts_equal_a_stable_sort(narrow, L, P, trial, {}, "in turn");
+    expect_prefix_counts_equal_a_stable_sort(narrow, L, P, trial, threads, "on threads");
   }
 }

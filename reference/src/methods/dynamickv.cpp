@@ -50,7 +50,7 @@ void check_schedule_input(std::size_t layers, const DynamicKVScheduleConfig& c) 
 // they are: widening them to double would keep their order and ties.
 template <class V>
 DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVScheduleConfig& c,
-                           std::vector<std::span<const V>> layers) {
+                           std::vector<std::span<const V>> layers, const ForEachLayer& for_each_layer = {}) {
   const int L = c.layers;
   const std::int64_t w = c.window, b = c.base;
   DynamicKVSchedule out;
@@ -67,7 +67,7 @@ DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVSched
   std::vector<PrefixTopKQuery> queries;
   for (std::int64_t l = c.interval - 1; l < L; l += c.interval)
     queries.push_back({static_cast<int>(l + 1), std::min(b * H * (l + 1), H * Lp * (l + 1))});
-  std::vector<std::vector<std::int64_t>> selected = prefix_topk_counts<V>(layers, queries);
+  std::vector<std::vector<std::int64_t>> selected = prefix_topk_counts<V>(layers, queries, for_each_layer);
   for (std::size_t q = 0; q < queries.size(); ++q) {
     const int n = queries[q].n, l = n - 1;
     DynamicKVUpdate up;
@@ -130,7 +130,8 @@ DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVSched
 
 }  // namespace
 
-DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c) {
+DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c,
+                                     const ForEachLayer& for_each_layer) {
   check_schedule_input(scores.size(), c);
   const auto H = static_cast<std::int64_t>(scores.front().size());
   const std::int64_t Lp = H > 0 ? scores.front().front().size() : 0;
@@ -146,10 +147,11 @@ DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& score
     for (const VecX& h : scores[l]) flat[l].insert(flat[l].end(), h.data(), h.data() + h.size());
     layers.emplace_back(flat[l]);
   }
-  return schedule(H, Lp, c, std::move(layers));
+  return schedule(H, Lp, c, std::move(layers), for_each_layer);
 }
 
-DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c) {
+DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c,
+                                     const ForEachLayer& for_each_layer) {
   check_schedule_input(scores.size(), c);
   const std::int64_t H = scores.front().heads;
   const std::int64_t Lp = H > 0 ? static_cast<std::int64_t>(scores.front().values.size()) / H : 0;
@@ -161,7 +163,7 @@ DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& sco
   }
   std::vector<std::span<const float>> layers;
   for (const auto& layer : scores) layers.emplace_back(layer.values);
-  return schedule(H, Lp, c, std::move(layers));
+  return schedule(H, Lp, c, std::move(layers), for_each_layer);
 }
 
 std::vector<VecX> dynamickv_layer_scores(const LayerInput& in, std::int64_t window, std::int64_t kernel, Pool pool) {

@@ -5,8 +5,9 @@
 namespace kvscope::ref {
 
 template <class Scores>
-DynamicKVPass<Scores>::DynamicKVPass(const DynamicKVConfig& c, int layers, std::int64_t budget, std::string who)
-    : c_(c), layers_(layers), budget_(budget), who_(std::move(who)) {}
+DynamicKVPass<Scores>::DynamicKVPass(const DynamicKVConfig& c, int layers, std::int64_t budget, std::string who,
+                                     ForEachLayer for_each_layer)
+    : c_(c), layers_(layers), budget_(budget), who_(std::move(who)), for_each_layer_(std::move(for_each_layer)) {}
 
 template <class Scores>
 void DynamicKVPass<Scores>::add_layer(int layer, std::int64_t tokens, Scores scores) {
@@ -16,7 +17,9 @@ void DynamicKVPass<Scores>::add_layer(int layer, std::int64_t tokens, Scores sco
   if (layer == 0) tokens_ = tokens;
   if (tokens != tokens_) throw Error(ErrorKind::kInternal, who_ + ": layers disagree on the prompt length");
   scores_.push_back(std::move(scores));
-  if (done()) schedule_ = dynamickv_schedule(scores_, dynamickv_schedule_config(c_, layers_, tokens_, budget_));
+  if (!done()) return;
+  const DynamicKVScheduleConfig sc = dynamickv_schedule_config(c_, layers_, tokens_, budget_);
+  schedule_ = dynamickv_schedule(scores_, sc, for_each_layer_);
 }
 
 template <class Scores>

@@ -40,44 +40,63 @@ struct Bucketing {
   std::uint16_t operator()(V x) const { return static_cast<std::uint16_t>((top_key - rising_key(x)) >> shift); }
 };
 
-/// The bucketing spanning every value of `layers`. rising_key is monotone, so
-/// the key range is that of the least and greatest values (eight running
-/// extremes, unrolled into registers: one chain of dependent mins, or eight
-/// through memory, is several times slower).
+/// The least and greatest value of one layer (+inf and -inf when empty), in
+/// eight running extremes unrolled into registers: one chain of dependent
+/// mins, or eight through memory, is several times slower.
 template <class V>
-Bucketing<V> bucketing_of(std::span<const std::span<const V>> layers) {
+std::pair<V, V> extremes_of(std::span<const V> layer) {
   constexpr std::size_t kChains = 8;
   V lo[kChains], hi[kChains];
   std::fill(lo, lo + kChains, std::numeric_limits<V>::infinity());
   std::fill(hi, hi + kChains, -std::numeric_limits<V>::infinity());
-  bool any = false;
-  for (const std::span<const V> layer : layers) {
-    any = any || !layer.empty();
-    std::size_t i = 0;
-    for (; i + kChains <= layer.size(); i += kChains)
+  std::size_t i = 0;
+  for (; i + kChains <= layer.size(); i += kChains)
 #pragma GCC unroll 8
-      for (std::size_t u = 0; u < kChains; ++u) {
-        lo[u] = std::min(lo[u], layer[i + u]);
-        hi[u] = std::max(hi[u], layer[i + u]);
-      }
-    for (; i < layer.size(); ++i) {
-      lo[0] = std::min(lo[0], layer[i]);
-      hi[0] = std::max(hi[0], layer[i]);
+    for (std::size_t u = 0; u < kChains; ++u) {
+      lo[u] = std::min(lo[u], layer[i + u]);
+      hi[u] = std::max(hi[u], layer[i + u]);
     }
+  for (; i < layer.size(); ++i) {
+    lo[0] = std::min(lo[0], layer[i]);
+    hi[0] = std::max(hi[0], layer[i]);
+  }
+  return {*std::min_element(lo, lo + kChains), *std::max_element(hi, hi + kChains)};
+}
+
+/// The bucketing spanning every value of `layers`, from each layer's
+/// extremes (rising_key is monotone, so the key range is that of the least
+/// and greatest values).
+template <class V>
+Bucketing<V> bucketing_of(std::span<const std::span<const V>> layers, const ForEachLayer& for_each_layer) {
+  const int L = static_cast<int>(layers.size());
+  std::vector<std::pair<V, V>> ext(layers.size());
+  for_each_layer(L, [&](int l) { ext[static_cast<std::size_t>(l)] = extremes_of(layers[static_cast<std::size_t>(l)]); });
+  V lo = std::numeric_limits<V>::infinity(), hi = -std::numeric_limits<V>::infinity();
+  bool any = false;
+  for (int l = 0; l < L; ++l) {
+    any = any || !layers[static_cast<std::size_t>(l)].empty();
+    lo = std::min(lo, ext[static_cast<std::size_t>(l)].first);
+    hi = std::max(hi, ext[static_cast<std::size_t>(l)].second);
   }
   Bucketing<V> b;
   if (!any) return b;
-  const KeyOf<V> lo_key = rising_key(*std::min_element(lo, lo + kChains));
-  b.top_key = rising_key(*std::max_element(hi, hi + kChains));
+  const KeyOf<V> lo_key = rising_key(lo);
+  b.top_key = rising_key(hi);
   while (((b.top_key - lo_key) >> b.shift) >= kBuckets) ++b.shift;
   return b;
+}
+
+void each_layer_in_turn(int layers, const std::function<void(int)>& body) {
+  for (int l = 0; l < layers; ++l) body(l);
 }
 
 }  // namespace
 
 template <class V>
 std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::span<const V>> layers,
-                                                          std::span<const PrefixTopKQuery> queries) {
+                                                          std::span<const PrefixTopKQuery> queries,
+                                                          const ForEachLayer& each) {
+  const ForEachLayer& for_each_layer = each ? each : ForEachLayer(each_layer_in_turn);
   const int L = static_cast<int>(layers.size());
   const std::int64_t per_layer = layers.empty() ? 0 : static_cast<std::int64_t>(layers.front().size());
   for (const auto& layer : layers)
@@ -85,14 +104,14 @@ std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::s
       throw Error(ErrorKind::kInternal, "dynamickv: the prefix top-k needs as many entries in every layer");
   if (per_layer > std::numeric_limits<std::uint32_t>::max())
     throw Error(ErrorKind::kUsage, "dynamickv: more than 2^32 scores per layer (" + std::to_string(per_layer) + ")");
-  const Bucketing<V> bucketing = bucketing_of(layers);
+  const Bucketing<V> bucketing = bucketing_of(layers, for_each_layer);
 
   // Pass 2: per-layer bucket counts.
   std::vector<std::uint32_t> count(static_cast<std::size_t>(L) * kBuckets, 0);
-  for (int l = 0; l < L; ++l) {
+  for_each_layer(L, [&](int l) {
     std::uint32_t* c = &count[static_cast<std::size_t>(l) * kBuckets];
     for (V x : layers[static_cast<std::size_t>(l)]) ++c[bucketing(x)];
-  }
+  });
   const auto count_of = [&](int l, std::size_t b) -> std::int64_t { return count[static_cast<std::size_t>(l) * kBuckets + b]; };
 
   // Each query's bucket: the first whose end, over layers 0..n-1, reaches k.
@@ -124,14 +143,26 @@ std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::s
     located.push_back(std::move(a));
   }
 
-  // Pass 3: the entries (flat indices, ascending) of every wanted bucket.
-  std::vector<std::vector<std::int64_t>> members(kBuckets);
-  for (int l = 0; l < L; ++l) {
+  // Pass 3: the entries (flat indices, ascending) of every wanted bucket,
+  // each layer's collected on its own, then joined in layer order.
+  std::vector<int> slot(kBuckets, -1);  // a wanted bucket's place among them
+  std::vector<std::size_t> wanted_buckets;
+  for (std::size_t b = 0; b < kBuckets; ++b)
+    if (wanted[b]) slot[b] = static_cast<int>(wanted_buckets.size()), wanted_buckets.push_back(b);
+  std::vector<std::vector<std::vector<std::int64_t>>> found(static_cast<std::size_t>(L));
+  for_each_layer(L, [&](int l) {
+    std::vector<std::vector<std::int64_t>>& mine = found[static_cast<std::size_t>(l)];
+    mine.resize(wanted_buckets.size());
     const std::span<const V> layer = layers[static_cast<std::size_t>(l)];
     for (std::int64_t i = 0; i < per_layer; ++i) {
-      const std::uint16_t b = bucketing(layer[static_cast<std::size_t>(i)]);
-      if (wanted[b]) members[b].push_back(l * per_layer + i);
+      const int at = slot[bucketing(layer[static_cast<std::size_t>(i)])];
+      if (at >= 0) mine[static_cast<std::size_t>(at)].push_back(l * per_layer + i);
     }
+  });
+  std::vector<std::vector<std::int64_t>> members(kBuckets);
+  for (std::size_t w = 0; w < wanted_buckets.size(); ++w) {
+    std::vector<std::int64_t>& m = members[wanted_buckets[w]];
+    for (const auto& mine : found) m.insert(m.end(), mine[w].begin(), mine[w].end());
   }
 
   // The rest of each selection among its bucket's entries of layers 0..n-1.
@@ -157,8 +188,10 @@ std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::s
 }
 
 template std::vector<std::vector<std::int64_t>> prefix_topk_counts<double>(std::span<const std::span<const double>>,
-                                                                           std::span<const PrefixTopKQuery>);
+                                                                           std::span<const PrefixTopKQuery>,
+                                                                           const ForEachLayer&);
 template std::vector<std::vector<std::int64_t>> prefix_topk_counts<float>(std::span<const std::span<const float>>,
-                                                                          std::span<const PrefixTopKQuery>);
+                                                                          std::span<const PrefixTopKQuery>,
+                                                                          const ForEachLayer&);
 
 }  // namespace kvscope::ref

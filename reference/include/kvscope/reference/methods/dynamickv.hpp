@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kvscope/reference/methods/dynamickv_topk.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/reference/scores.hpp"
 
@@ -82,8 +83,10 @@ struct DynamicKVSchedule {
 /// Python integer and float floor divisions, torch's float32 t_j, the
 /// last-layer correction (only when sum(c) != H Lp), the final B_{n-1} fix so
 /// that sum_j B_j = b L, and the slice k_cache[:, :, :B_j] ++ window. Ties in
-/// the global top-k go to the lower flat index (layer, head, token).
-DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c);
+/// the global top-k go to the lower flat index (layer, head, token). The top-k's passes go over
+/// the layers through `for_each_layer` (prefix_topk_counts; empty: one after another).
+DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c,
+                                     const ForEachLayer& for_each_layer = {});
 
 /// One layer's pooled scores in fp32, flat [heads, Lp] (a backend's kernel output).
 struct DynamicKVFlatScores {
@@ -93,7 +96,8 @@ struct DynamicKVFlatScores {
 
 /// The same schedule over fp32 scores: equal to widening them to double first (exact, same order
 /// and ties), without the copy.
-DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c);
+DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c,
+                                     const ForEachLayer& for_each_layer = {});
 
 /// The schedule's configuration for an L-layer model with T prompt tokens at
 /// `budget` per head; Error(kImpossibleBudget) when budget < the window.

@@ -19,8 +19,11 @@ namespace kvscope::ref {
 template <class Scores>
 class DynamicKVPass {
  public:
-  /// `who` starts the error messages ("dynamickv", "dynamickv (cpu)").
-  DynamicKVPass(const DynamicKVConfig& c, int layers, std::int64_t budget, std::string who);
+  /// `who` starts the error messages ("dynamickv", "dynamickv (cpu)"). The schedule's
+  /// cross-layer top-k goes over the layers through `for_each_layer` (a backend's threads;
+  /// empty: one after another).
+  DynamicKVPass(const DynamicKVConfig& c, int layers, std::int64_t budget, std::string who,
+                ForEachLayer for_each_layer = {});
 
   /// Layer `layer` (0, 1, ... in order) of `tokens` prompt tokens; the last layer makes the schedule.
   void add_layer(int layer, std::int64_t tokens, Scores scores);
@@ -46,6 +49,7 @@ class DynamicKVPass {
   int layers_;
   std::int64_t budget_;
   std::string who_;
+  ForEachLayer for_each_layer_;
   std::int64_t tokens_ = 0;
   std::vector<Scores> scores_;  // per layer
   DynamicKVSchedule schedule_;

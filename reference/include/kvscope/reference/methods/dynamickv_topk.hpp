@@ -4,10 +4,16 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
 namespace kvscope::ref {
+
+/// Runs body(l) for every l in [0, layers), in any order and possibly at once
+/// (a backend passes its thread pool; empty: one after another). The three
+/// passes below go over the layers through it.
+using ForEachLayer = std::function<void(int layers, const std::function<void(int)>& body)>;
 
 /// One prefix selection: the k best entries of layers 0..n-1.
 struct PrefixTopKQuery {
@@ -32,11 +38,12 @@ struct PrefixTopKQuery {
 /// values in all, whatever the number of queries.
 template <class V>
 std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::span<const V>> layers,
-                                                          std::span<const PrefixTopKQuery> queries);
+                                                          std::span<const PrefixTopKQuery> queries,
+                                                          const ForEachLayer& for_each_layer = {});
 
 extern template std::vector<std::vector<std::int64_t>> prefix_topk_counts<double>(
-    std::span<const std::span<const double>>, std::span<const PrefixTopKQuery>);
+    std::span<const std::span<const double>>, std::span<const PrefixTopKQuery>, const ForEachLayer&);
 extern template std::vector<std::vector<std::int64_t>> prefix_topk_counts<float>(
-    std::span<const std::span<const float>>, std::span<const PrefixTopKQuery>);
+    std::span<const std::span<const float>>, std::span<const PrefixTopKQuery>, const ForEachLayer&);
 
 }  // namespace kvscope::ref
