@@ -457,7 +457,7 @@ TEST(DynamicKV, MultiLayerReplayUsesTheCouplingSchedule) {
 // its passes over the layers run by `each` (empty: in turn).
 template <class V>
 void expect_prefix_counts_equal_a_stable_sort(const std::vector<V>& flat, int L, std::int64_t P, int trial,
-                                              const ref::ForEachLayer& each, const char* how) {
+                                              const ForEachIndex& each, const char* how) {
   std::vector<std::span<const V>> layers;
   for (int l = 0; l < L; ++l) layers.emplace_back(flat.data() + l * P, static_cast<std::size_t>(P));
   // Every prefix and several k, asked at once (queries share buckets), plus
@@ -505,10 +505,10 @@ TEST(DynamicKV, PrefixTopKCountsEqualAStableSortOfEveryPrefix) {
       }
     }
     // The layers in turn, last to first, and all at once on their own threads (a backend's loop).
-    const ref::ForEachLayer reversed = [](int n, const std::function<void(int)>& body) {
+    const ForEachIndex reversed = [](int n, const std::function<void(int)>& body) {
       for (int l = n - 1; l >= 0; --l) body(l);
     };
-    const ref::ForEachLayer threads = [](int n, const std::function<void(int)>& body) {
+    const ForEachIndex threads = [](int n, const std::function<void(int)>& body) {
       std::vector<std::thread> t;
       for (int l = 0; l < n; ++l) t.emplace_back(body, l);
       for (std::thread& x : t) x.join();

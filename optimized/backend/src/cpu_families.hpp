@@ -3,6 +3,7 @@
 #pragma once
 
 #include <exception>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -41,6 +42,10 @@ void parallel_heads(int heads, F&& f) {
   for (const std::exception_ptr& e : errors)
     if (e) std::rethrow_exception(e);
 }
+
+/// A ForEachIndex (core/for_each.hpp) for the shared decision code's
+/// independent per-layer or per-head steps: parallel_heads over the indices.
+inline void for_each_on_threads(int n, const std::function<void(int)>& body) { parallel_heads(n, body); }
 
 /// Every q head's accumulated attention, [q_heads, T]: the trace's recorded
 /// column sums when it has them (read in place, not copied), else computed by

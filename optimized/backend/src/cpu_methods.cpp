@@ -231,7 +231,7 @@ class AdaKV final : public BackendMethod {
   ref::LayerPlans prefill(const LayerStorage& in, std::int64_t budget) const override {
     const ScoreSet s = base_->scorer()->score(in, budget);
     ref::LayerPlans out;
-    out.head_budgets = ref::adakv_budgets(s.to_reference(), in.shape.tokens, budget, o_);
+    out.head_budgets = ref::adakv_budgets(s.to_reference(), in.shape.tokens, budget, o_, for_each_on_threads);
     out.plans = select_per_head(s, out.head_budgets, "adakv");
     return out;
   }

@@ -35,11 +35,12 @@ std::vector<std::int64_t> head_counts(const Selection& s, std::size_t heads, std
 // FFY0/AdaKV snapkv_utils.py AdaptiveSnapKVCluster.update_kv: optional
 // normalisation, global top-(H·B) of the flattened scores, counts c_h.
 std::vector<std::int64_t> original_counts(const LayerScores& s, std::int64_t B, const std::vector<std::int64_t>& cand,
-                                          bool normalize) {
+                                          bool normalize, const ForEachIndex& for_each_head) {
   const std::size_t H = s.per_kv_head.size();
   // Each head's candidate scores, best first, times its ratio.
   std::vector<std::vector<double>> sorted(H);
-  for (std::size_t h = 0; h < H; ++h) {
+  for_each_head(static_cast<int>(H), [&](int head) {
+    const auto h = static_cast<std::size_t>(head);
     const VecX& sh = s.per_kv_head[h];
     std::vector<double>& v = sorted[h];
     for (std::int64_t j : cand) {
@@ -59,7 +60,7 @@ std::vector<std::int64_t> original_counts(const LayerScores& s, std::int64_t B, 
         for (double& x : v) x *= ratio;
       }
     }
-  }
+  });
   // The global top-(H·B) of the flat [h * T + j] scores, higher first and the
   // lower flat index on ties (top_k's order), counted per head: every score
   // above the (H·B)-th largest, theta, and of the scores equal to theta the
@@ -145,7 +146,7 @@ std::vector<std::int64_t> adakv_round_budgets(const std::vector<std::int64_t>& c
 }
 
 std::vector<std::int64_t> adakv_budgets(const LayerScores& scores, std::int64_t T, std::int64_t C,
-                                        const AdaKVOptions& o) {
+                                        const AdaKVOptions& o, const ForEachIndex& for_each_head) {
   const std::size_t H = scores.per_kv_head.size();
   const auto P = static_cast<std::int64_t>(scores.protected_tokens.size());
   // Nothing to share: the budget covers the prompt (the original skips
@@ -154,7 +155,7 @@ std::vector<std::int64_t> adakv_budgets(const LayerScores& scores, std::int64_t 
   const std::vector<std::int64_t> cand = non_protected(T, scores.protected_tokens);
   std::vector<std::int64_t> past;
   if (o.allocation == AdaAllocation::kOriginal)
-    past = adakv_round_budgets(original_counts(scores, C - P, cand, o.normalize), C - P, o.alpha,
+    past = adakv_round_budgets(original_counts(scores, C - P, cand, o.normalize, or_in_turn(for_each_head)), C - P, o.alpha,
                                static_cast<std::int64_t>(cand.size()));
   else
     past = kvpress_counts(scores, T, C, P, cand, o.alpha);

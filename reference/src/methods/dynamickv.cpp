@@ -50,7 +50,7 @@ void check_schedule_input(std::size_t layers, const DynamicKVScheduleConfig& c) 
 // they are: widening them to double would keep their order and ties.
 template <class V>
 DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVScheduleConfig& c,
-                           std::vector<std::span<const V>> layers, const ForEachLayer& for_each_layer = {}) {
+                           std::vector<std::span<const V>> layers, const ForEachIndex& for_each_layer = {}) {
   const int L = c.layers;
   const std::int64_t w = c.window, b = c.base;
   DynamicKVSchedule out;
@@ -131,7 +131,7 @@ DynamicKVSchedule schedule(std::int64_t H, std::int64_t Lp, const DynamicKVSched
 }  // namespace
 
 DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c,
-                                     const ForEachLayer& for_each_layer) {
+                                     const ForEachIndex& for_each_layer) {
   check_schedule_input(scores.size(), c);
   const auto H = static_cast<std::int64_t>(scores.front().size());
   const std::int64_t Lp = H > 0 ? scores.front().front().size() : 0;
@@ -151,7 +151,7 @@ DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& score
 }
 
 DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c,
-                                     const ForEachLayer& for_each_layer) {
+                                     const ForEachIndex& for_each_layer) {
   check_schedule_input(scores.size(), c);
   const std::int64_t H = scores.front().heads;
   const std::int64_t Lp = H > 0 ? static_cast<std::int64_t>(scores.front().values.size()) / H : 0;

@@ -6,7 +6,7 @@ namespace kvscope::ref {
 
 template <class Scores>
 DynamicKVPass<Scores>::DynamicKVPass(const DynamicKVConfig& c, int layers, std::int64_t budget, std::string who,
-                                     ForEachLayer for_each_layer)
+                                     ForEachIndex for_each_layer)
     : c_(c), layers_(layers), budget_(budget), who_(std::move(who)), for_each_layer_(std::move(for_each_layer)) {}
 
 template <class Scores>

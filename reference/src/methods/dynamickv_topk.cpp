@@ -67,7 +67,7 @@ std::pair<V, V> extremes_of(std::span<const V> layer) {
 /// extremes (rising_key is monotone, so the key range is that of the least
 /// and greatest values).
 template <class V>
-Bucketing<V> bucketing_of(std::span<const std::span<const V>> layers, const ForEachLayer& for_each_layer) {
+Bucketing<V> bucketing_of(std::span<const std::span<const V>> layers, const ForEachIndex& for_each_layer) {
   const int L = static_cast<int>(layers.size());
   std::vector<std::pair<V, V>> ext(layers.size());
   for_each_layer(L, [&](int l) { ext[static_cast<std::size_t>(l)] = extremes_of(layers[static_cast<std::size_t>(l)]); });
@@ -86,17 +86,13 @@ Bucketing<V> bucketing_of(std::span<const std::span<const V>> layers, const ForE
   return b;
 }
 
-void each_layer_in_turn(int layers, const std::function<void(int)>& body) {
-  for (int l = 0; l < layers; ++l) body(l);
-}
-
 }  // namespace
 
 template <class V>
 std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::span<const V>> layers,
                                                           std::span<const PrefixTopKQuery> queries,
-                                                          const ForEachLayer& each) {
-  const ForEachLayer& for_each_layer = each ? each : ForEachLayer(each_layer_in_turn);
+                                                          const ForEachIndex& each) {
+  const ForEachIndex for_each_layer = or_in_turn(each);
   const int L = static_cast<int>(layers.size());
   const std::int64_t per_layer = layers.empty() ? 0 : static_cast<std::int64_t>(layers.front().size());
   for (const auto& layer : layers)
@@ -189,9 +185,9 @@ std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::s
 
 template std::vector<std::vector<std::int64_t>> prefix_topk_counts<double>(std::span<const std::span<const double>>,
                                                                            std::span<const PrefixTopKQuery>,
-                                                                           const ForEachLayer&);
+                                                                           const ForEachIndex&);
 template std::vector<std::vector<std::int64_t>> prefix_topk_counts<float>(std::span<const std::span<const float>>,
                                                                           std::span<const PrefixTopKQuery>,
-                                                                          const ForEachLayer&);
+                                                                          const ForEachIndex&);
 
 }  // namespace kvscope::ref

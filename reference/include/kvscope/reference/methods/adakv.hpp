@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kvscope/core/for_each.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/reference/scorer.hpp"
 
@@ -28,9 +29,10 @@ struct AdaKVOptions {
 /// Per-head budgets (protected tokens included) for a layer of T tokens at
 /// nominal budget C per head, from the base's scores. A budget covering the
 /// prompt (C >= T) or leaving no past slots gives every head C.
-/// Σ_h budgets = H·C exactly (kKvpress) or within ±H (kOriginal).
+/// Σ_h budgets = H·C exactly (kKvpress) or within ±H (kOriginal). kOriginal sorts each head's
+/// scores through `for_each_head` (a backend's threads; empty: in turn).
 std::vector<std::int64_t> adakv_budgets(const LayerScores& scores, std::int64_t T, std::int64_t C,
-                                        const AdaKVOptions& o);
+                                        const AdaKVOptions& o, const ForEachIndex& for_each_head = {});
 
 /// The original rounding: B_h = round_half_even(c_h (1 - alpha) + floor(alpha B))
 /// from the global top-(H·B) counts c_h (Σ c_h = H·B). The floor loses up to

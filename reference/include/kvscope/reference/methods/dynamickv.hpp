@@ -86,7 +86,7 @@ struct DynamicKVSchedule {
 /// the global top-k go to the lower flat index (layer, head, token). The top-k's passes go over
 /// the layers through `for_each_layer` (prefix_topk_counts; empty: one after another).
 DynamicKVSchedule dynamickv_schedule(const std::vector<std::vector<VecX>>& scores, const DynamicKVScheduleConfig& c,
-                                     const ForEachLayer& for_each_layer = {});
+                                     const ForEachIndex& for_each_layer = {});
 
 /// One layer's pooled scores in fp32, flat [heads, Lp] (a backend's kernel output).
 struct DynamicKVFlatScores {
@@ -97,7 +97,7 @@ struct DynamicKVFlatScores {
 /// The same schedule over fp32 scores: equal to widening them to double first (exact, same order
 /// and ties), without the copy.
 DynamicKVSchedule dynamickv_schedule(const std::vector<DynamicKVFlatScores>& scores, const DynamicKVScheduleConfig& c,
-                                     const ForEachLayer& for_each_layer = {});
+                                     const ForEachIndex& for_each_layer = {});
 
 /// The schedule's configuration for an L-layer model with T prompt tokens at
 /// `budget` per head; Error(kImpossibleBudget) when budget < the window.

@@ -23,7 +23,7 @@ class DynamicKVPass {
   /// cross-layer top-k goes over the layers through `for_each_layer` (a backend's threads;
   /// empty: one after another).
   DynamicKVPass(const DynamicKVConfig& c, int layers, std::int64_t budget, std::string who,
-                ForEachLayer for_each_layer = {});
+                ForEachIndex for_each_layer = {});
 
   /// Layer `layer` (0, 1, ... in order) of `tokens` prompt tokens; the last layer makes the schedule.
   void add_layer(int layer, std::int64_t tokens, Scores scores);
@@ -49,7 +49,7 @@ class DynamicKVPass {
   int layers_;
   std::int64_t budget_;
   std::string who_;
-  ForEachLayer for_each_layer_;
+  ForEachIndex for_each_layer_;
   std::int64_t tokens_ = 0;
   std::vector<Scores> scores_;  // per layer
   DynamicKVSchedule schedule_;

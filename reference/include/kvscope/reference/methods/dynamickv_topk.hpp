@@ -4,16 +4,12 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <span>
 #include <vector>
 
-namespace kvscope::ref {
+#include "kvscope/core/for_each.hpp"
 
-/// Runs body(l) for every l in [0, layers), in any order and possibly at once
-/// (a backend passes its thread pool; empty: one after another). The three
-/// passes below go over the layers through it.
-using ForEachLayer = std::function<void(int layers, const std::function<void(int)>& body)>;
+namespace kvscope::ref {
 
 /// One prefix selection: the k best entries of layers 0..n-1.
 struct PrefixTopKQuery {
@@ -35,15 +31,16 @@ struct PrefixTopKQuery {
 /// keys' range; per-layer bucket counts locate each query's k-th entry in one
 /// bucket, and one more pass collects the entries of just those buckets,
 /// among which the rest of the selection is made. Three passes over the
-/// values in all, whatever the number of queries.
+/// values in all, whatever the number of queries, each over the layers
+/// through `for_each_layer` (empty: in turn).
 template <class V>
 std::vector<std::vector<std::int64_t>> prefix_topk_counts(std::span<const std::span<const V>> layers,
                                                           std::span<const PrefixTopKQuery> queries,
-                                                          const ForEachLayer& for_each_layer = {});
+                                                          const ForEachIndex& for_each_layer = {});
 
 extern template std::vector<std::vector<std::int64_t>> prefix_topk_counts<double>(
-    std::span<const std::span<const double>>, std::span<const PrefixTopKQuery>, const ForEachLayer&);
+    std::span<const std::span<const double>>, std::span<const PrefixTopKQuery>, const ForEachIndex&);
 extern template std::vector<std::vector<std::int64_t>> prefix_topk_counts<float>(
-    std::span<const std::span<const float>>, std::span<const PrefixTopKQuery>, const ForEachLayer&);
+    std::span<const std::span<const float>>, std::span<const PrefixTopKQuery>, const ForEachIndex&);
 
 }  // namespace kvscope::ref
