@@ -68,9 +68,13 @@ __m256 scaled_difference(const float* kp, const S* row, int c, __m256 g1, __m256
 
 /// dist2[i] = scaled_sq_norm(kp - k_i, d, f1, f2) for the m rows of storage
 /// at k, the differences taken in registers (never stored), four rows at a
-/// time: each row one eight-lane FMA chain, so the same bits.
-template <bool kScaled, class S>
-void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, float f1, float f2, float* dist2) {
+/// time: each row one eight-lane FMA chain, so the same bits. With kRange,
+/// also the range of the differences, row i's in ranges[i % 4] (one row at a
+/// time, that pass's FMA chain held bf16 and fp32 to ~45% of the copy
+/// bandwidth; docs/performance.md, run 12).
+template <bool kScaled, bool kRange = false, class S>
+void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, float f1, float f2, float* dist2,
+                         detail::AbsRange* ranges = nullptr) {
   const __m256 g1 = _mm256_set1_ps(f1), g2 = _mm256_set1_ps(f2);
   std::int64_t i = 0;
   for (; i + 4 <= m; i += 4) {
@@ -80,6 +84,7 @@ void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, flo
       for (int u = 0; u < 4; ++u) {
         const __m256 v = scaled_difference<kScaled>(kp, r + u * d, c, g1, g2);
         acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
+        if constexpr (kRange) ranges[u].add(v);
       }
     for (int u = 0; u < 4; ++u) dist2[i + u] = detail::hsum(acc[u]);
   }
@@ -88,44 +93,10 @@ void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, flo
     for (int c = 0; c < d; c += 8) {
       const __m256 v = scaled_difference<kScaled>(kp, k + i * d, c, g1, g2);
       acc = _mm256_fmadd_ps(v, v, acc);
+      if constexpr (kRange) ranges[i % 4].add(v);
     }
     dist2[i] = detail::hsum(acc);
   }
-}
-
-/// scaled_sq_distances<false> that also returns the largest |difference| and
-/// the least non-zero one (+inf when every difference is 0). Four rows at a
-/// time, like scaled_sq_distances (the same bits), each with its own range:
-/// one row at a time, its FMA chain held bf16 and fp32 to ~45% of the copy
-/// bandwidth (docs/performance.md, run 12).
-template <class S>
-void sq_distances_and_range(const float* kp, const S* k, std::int64_t m, int d, float* dist2, float& hi, float& lo) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  detail::AbsRange range[4];
-  std::int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    const S* r = k + i * d;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int c = 0; c < d; c += 8)
-      for (int u = 0; u < 4; ++u) {
-        const __m256 v = scaled_difference<false>(kp, r + u * d, c, one, one);
-        acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
-        range[u].add(v);
-      }
-    for (int u = 0; u < 4; ++u) dist2[i + u] = detail::hsum(acc[u]);
-  }
-  for (; i < m; ++i) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int c = 0; c < d; c += 8) {
-      const __m256 v = scaled_difference<false>(kp, k + i * d, c, one, one);
-      acc = _mm256_fmadd_ps(v, v, acc);
-      range[0].add(v);
-    }
-    dist2[i] = detail::hsum(acc);
-  }
-  for (int u = 1; u < 4; ++u) range[0].add(range[u]);
-  hi = range[0].high();
-  lo = range[0].low();
 }
 #endif
 
@@ -146,9 +117,11 @@ bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m,
     // the differences (fp32 numbers, so the fp32 floor). Where the scale
     // changes no bit, the scaled distances are the unscaled ones times
     // 4^-ex, bit for bit; otherwise the scaled squares in a second pass.
-    float hi = 0.0f, lo = 0.0f;
-    sq_distances_and_range(kp, k, m, d, dist2, hi, lo);
-    ex = math::scale_exponent(hi);
+    detail::AbsRange range[4];
+    scaled_sq_distances<false, true>(kp, k, m, d, 1.0f, 1.0f, dist2, range);
+    for (int u = 1; u < 4; ++u) range[0].add(range[u]);
+    const float lo = range[0].low();
+    ex = math::scale_exponent(range[0].high());
     if (detail::rescale_changes_no_bit(ex, lo, 0x1p-40f)) {
       const float unscale = detail::pow2(-2 * ex);  // exact: no distance is subnormal
       for (std::int64_t i = 0; i < m; ++i) dist2[i] *= unscale;
