@@ -123,7 +123,7 @@ void fused_dots(const SA* a, const SB* b, int d, float& ab, float& bb, float* b_
   if (d % 32 == 0) {
     __m256 x[4], y[4];
     detail::AbsRange range;
-    for (int l4 = 0; l4 < 4; ++l4) x[l4] = y[l4] = _mm256_setzero_ps();
+    for (int l = 0; l < 4; ++l) x[l] = y[l] = _mm256_setzero_ps();
     for (int i = 0; i < d; i += 32)
       for (int u = 0; u < 4; ++u) {
         const __m256 va = detail::load8(a + i + 8 * u), vb = detail::load8(b + i + 8 * u);
@@ -144,7 +144,7 @@ void fused_dots(const SA* a, const SB* b, int d, float& ab, float& bb, float* b_
     ab = dot(a, b, d);
     bb = dot(b, b, d);
     if (b_range) b_range[0] = detail::abs_range(b, d, b_range[1]);
-  } else {  // storage rows come here only from callers without the AVX2 path
+  } else {  // not reached: the cosine reads storage rows only under AVX2 with d % 32 == 0
     std::vector<float> fa(static_cast<std::size_t>(d)), fb(static_cast<std::size_t>(d));
     load_row(a, d, fa.data());
     load_row(b, d, fb.data());
