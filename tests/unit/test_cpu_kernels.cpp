@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -169,6 +170,32 @@ TEST(CpuKernels, KeyNormsAndAdjacentCosines) {
     EXPECT_EQ(cos[20 + 3], 1.0f);
     EXPECT_EQ(cos[20 + 2], 0.0f);
   }
+}
+
+// key_norm_scores takes rows eight at a time (eight FMA chains, one hsum8) and
+// the rest one by one: a row's norm must not depend on which path it takes.
+// Each row of a 21-row head (two blocks of eight, then five) is compared with
+// the same row scored alone (always the one-row path). A zero row scores -0.
+TEST(CpuKernels, KeyNormsOfBlockedRowsAreTheSameBitsAsOfRowsAlone) {
+  const std::int64_t T = 21;
+  for (int d : {16, 128, 12})
+    for (DType t : kDtypes) {
+      Heads k = random_heads(1, T, d, t, 61);
+      for (int c = 0; c < d; ++c) k.tensor.row(0, 4)[static_cast<std::size_t>(c)] = 0.0f;
+      const opt::StorageBuffer all = opt::pack(k.tensor, t);
+      std::vector<float> norms(T);
+      with_storage(all, [&](const auto* kp) { opt::cpu::key_norm_scores({1, 1, d, T}, kp, norms.data()); });
+      for (std::int64_t r = 0; r < T; ++r) {
+        Tensor row({1, 1, d});
+        std::copy_n(k.tensor.row(0, r).begin(), d, row.data.begin());
+        float alone = 0.0f;
+        with_storage(opt::pack(row, t), [&](const auto* kp) { opt::cpu::key_norm_scores({1, 1, d, 1}, kp, &alone); });
+        EXPECT_EQ(std::bit_cast<std::uint32_t>(norms[r]), std::bit_cast<std::uint32_t>(alone))
+            << dtype_name(t) << " d " << d << " row " << r;
+      }
+      EXPECT_EQ(std::bit_cast<std::uint32_t>(norms[4]), std::bit_cast<std::uint32_t>(-0.0f)) << dtype_name(t);
+      EXPECT_NEAR(norms[5], -k.mats[0].row(5).norm(), 1e-5 * k.mats[0].row(5).norm()) << dtype_name(t);
+    }
 }
 
 // The cosine is scale-free: a key times 2^k (exact) gives the same bits. Each

@@ -189,10 +189,34 @@ void key_norm_scores(const LayerShape& s, const S* k, float* out) {
   {
     std::vector<float> kj(static_cast<std::size_t>(d));
 #pragma omp for schedule(static)
-    for (std::int64_t r = 0; r < rows; ++r) {
-      prefetch(reinterpret_cast<const char*>(k + r * d) + kPrefetchAhead, d * sizeof(S));
-      load_row(k + r * d, d, kj.data());
-      out[r] = -std::sqrt(dot8(kj.data(), kj.data(), d));
+    for (std::int64_t r0 = 0; r0 < rows; r0 += 8) {
+      std::int64_t r = r0;
+      const std::int64_t end = std::min(rows, r0 + 8);
+#if KVSCOPE_CPU_AVX2
+      // Eight rows at once, converted in registers: eight independent FMA
+      // chains, each dot8's chain of its row, and one hsum8 (hsum's pairings),
+      // so every norm has dot8's bits. A row at a time was one dependent chain
+      // of d / 8 FMAs per row: ~70 cycles a row, latency-bound rather than
+      // held by memory (docs/performance.md, run 13).
+      if (d % 8 == 0 && end - r0 == 8) {
+        const S* kr = k + r0 * d;
+        prefetch(reinterpret_cast<const char*>(kr) + kPrefetchAhead, 8 * d * sizeof(S));
+        __m256 acc[8];
+        for (__m256& a : acc) a = _mm256_setzero_ps();
+        for (int c = 0; c < d; c += 8)
+          for (int u = 0; u < 8; ++u) {
+            const __m256 x = detail::load8(kr + u * d + c);
+            acc[u] = _mm256_fmadd_ps(x, x, acc[u]);
+          }
+        _mm256_storeu_ps(out + r0, _mm256_xor_ps(_mm256_set1_ps(-0.0f), _mm256_sqrt_ps(detail::hsum8(acc))));
+        r = end;
+      }
+#endif
+      for (; r < end; ++r) {
+        prefetch(reinterpret_cast<const char*>(k + r * d) + kPrefetchAhead, d * sizeof(S));
+        load_row(k + r * d, d, kj.data());
+        out[r] = -std::sqrt(dot8(kj.data(), kj.data(), d));
+      }
     }
   }
 }
