@@ -284,7 +284,8 @@ TEST(CpuKernels, TopKEqualsReferenceIncludingTies) {
 TEST(CpuKernels, TopKOfThousandsOfClusteredTiedAndOutlyingScoresEqualsReference) {
   // Above the histogram threshold: scores bunched in a narrow range (key
   // norms), exact ties, infinities and denormals that stretch the range, and
-  // budgets at both edges.
+  // budgets at both edges; candidates increasing (the 32-bit key path) or in
+  // a range.
   std::mt19937_64 rng(45);
   std::normal_distribution<float> noise(0.0f, 1e-3f);
   for (int trial = 0; trial < 60; ++trial) {
@@ -296,9 +297,12 @@ TEST(CpuKernels, TopKOfThousandsOfClusteredTiedAndOutlyingScoresEqualsReference)
       if (rng() % 500 == 0) v = rng() % 2 ? INFINITY : -INFINITY;
       s[static_cast<std::size_t>(j)] = v, sd[j] = v;
     }
+    // Every fourth trial's candidates are one range (the scores are read
+    // without a gather); the others skip one token in eight.
     std::vector<std::int64_t> cand;
+    const std::int64_t skip_front = static_cast<std::int64_t>(rng() % 9);
     for (std::int64_t j = 0; j < n; ++j)
-      if (rng() % 8 != 0) cand.push_back(j);
+      if (trial % 4 == 3 ? j >= skip_front : rng() % 8 != 0) cand.push_back(j);
     const auto nc = static_cast<std::int64_t>(cand.size());
     const std::int64_t ks[] = {0, 1, nc / 2, nc - 1, nc, static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(nc))};
     for (std::int64_t k : ks) {

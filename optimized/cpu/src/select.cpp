@@ -64,12 +64,110 @@ std::uint64_t kth_smallest(const std::vector<std::uint64_t>& keys, std::size_t k
   return in_b[pos];
 }
 
+/// selection_key's upper half: the score's bits as an integer that orders
+/// like the score descending (-0 as +0). Branch-free, so the key pass
+/// vectorises: a negative float's bits stay, a positive one's low 31 flip.
+inline std::uint32_t descending_bits(float score) {
+  const auto u = std::bit_cast<std::uint32_t>(score == 0.0f ? 0.0f : score);
+  const auto negative = static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31);
+  return u ^ (~negative & 0x7fffffffu);
+}
+
+/// Whether the candidates increase strictly and fit in a key's low half: then
+/// a key's position orders like its index, and ties need no index in the key.
+bool increasing_in_key(std::span<const std::int64_t> c) {
+  if (c.empty() || c.front() < 0 || c.back() > static_cast<std::int64_t>(UINT32_MAX)) return false;
+  bool up = true;
+  for (std::size_t i = 1; i < c.size(); ++i) up &= c[i] > c[i - 1];
+  return up;
+}
+
+/// top_k for increasing candidates, 0 < kk < n, n >= kRadixMin, on 32-bit
+/// score keys in candidate order. The kk smallest (key, position) pairs are
+/// every key below the kk-th smallest key t, and the first keys equal to t in
+/// candidate order. Passes of simple loops: the keys and their range, a
+/// histogram, the one bucket that holds t, the kept candidates in order. Half
+/// the 64-bit path's key bytes, and the key pass runs eight scores at a time.
+void top_k_increasing(const float* scores, std::span<const std::int64_t> candidates, std::size_t kk,
+                      std::vector<std::int64_t>& kept) {
+  const std::size_t n = candidates.size();
+  std::vector<std::uint32_t> keys(n);
+  std::uint32_t lo = UINT32_MAX, hi = 0;
+  const std::int64_t first = candidates.front();
+  if (candidates.back() - first == static_cast<std::int64_t>(n) - 1) {  // a range: no gather
+    const float* s = scores + first;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint32_t key = descending_bits(s[i]);
+      keys[i] = key, lo = std::min(lo, key), hi = std::max(hi, key);
+    }
+  } else {
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint32_t key = descending_bits(scores[candidates[i]]);
+      keys[i] = key, lo = std::min(lo, key), hi = std::max(hi, key);
+    }
+  }
+  int shift = 0;
+  while (((hi - lo) >> shift) >= (1u << kBucketBits)) ++shift;
+  // Two interleaved histograms: runs of equal scores (clustered key norms)
+  // would otherwise make each count wait on the previous increment's store.
+  constexpr std::uint32_t kHalf = 1u << kBucketBits;
+  std::array<std::uint32_t, 2 * kHalf> count{};
+  std::size_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    ++count[(keys[i] - lo) >> shift];
+    ++count[((keys[i + 1] - lo) >> shift) + kHalf];
+  }
+  if (i < n) ++count[(keys[i] - lo) >> shift];
+  std::uint32_t b = 0;
+  std::size_t below = 0;  // keys in buckets before b
+  while (below + count[b] + count[b + kHalf] < kk) below += count[b] + count[b + kHalf], ++b;
+  // The bucket's keys, [base, base + width). It holds few: blocks of sixteen
+  // are tested at once (vectorised), and only a block with one is scanned.
+  const std::uint32_t base = lo + (b << shift), width = 1u << shift;  // shift <= 21
+  std::vector<std::uint32_t> in_b;
+  in_b.reserve(count[b] + count[b + kHalf]);
+  for (std::size_t i0 = 0; i0 < n; i0 += 16) {
+    bool any = i0 + 16 > n;  // the tail is scanned as it is
+    if (!any)
+      for (std::size_t j = i0; j < i0 + 16; ++j) any |= keys[j] - base < width;
+    if (any)
+      for (std::size_t j = i0; j < std::min(n, i0 + 16); ++j)
+        if (keys[j] - base < width) in_b.push_back(keys[j]);
+  }
+  const std::size_t pos = kk - below - 1;
+  std::nth_element(in_b.begin(), in_b.begin() + static_cast<std::ptrdiff_t>(pos), in_b.end());
+  const std::uint32_t t = in_b[pos];
+  std::size_t less = below;
+  for (std::uint32_t key : in_b) less += key < t ? 1 : 0;
+  const std::size_t ties = kk - less;  // keys equal to t to take, the first in candidate order
+  // Branch-free on the key (about half are kept, in no predictable pattern):
+  // key <= t until the last tie taken, then key < t.
+  kept.resize(kk + 1);
+  std::size_t m = 0, j = 0, seen = 0;
+  for (; j < n && seen < ties; ++j) {
+    kept[m] = candidates[j];
+    // key <= t as the borrow of t - key: written as a compare, GCC merged it
+    // with the tie count into an unpredictable branch.
+    m += static_cast<std::size_t>(((std::uint64_t{t} - keys[j]) >> 63) ^ 1u);
+    seen += keys[j] == t ? 1 : 0;
+  }
+  for (; j < n; ++j) {
+    kept[m] = candidates[j];
+    m += keys[j] < t ? 1 : 0;
+  }
+  kept.resize(kk);
+}
+
 }  // namespace
 
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
            std::vector<std::int64_t>& kept) {
   const auto n = static_cast<std::ptrdiff_t>(candidates.size());
   const auto kk = static_cast<std::ptrdiff_t>(std::clamp<std::int64_t>(k, 0, n));
+  if (kk > 0 && kk < n && candidates.size() >= kRadixMin && increasing_in_key(candidates)) {
+    top_k_increasing(scores, candidates, static_cast<std::size_t>(kk), kept);
+    return;
+  }
   // A strict total order (score descending, then index ascending) makes the
   // kept set unique whatever the selection's internal order.
   if (!fits_in_key(candidates)) {
