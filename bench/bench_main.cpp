@@ -8,6 +8,7 @@
 
 #include "bench_common.hpp"
 #include "bench_register.hpp"
+#include "kvscope/core/heap.hpp"
 
 namespace {
 
@@ -21,6 +22,9 @@ std::string fmt(double x, int digits = 2) {
 
 int main(int argc, char** argv) {
   using namespace kvscope::bench;
+  // As the CLI does: every prefill's plans (reference and backend alike) reuse
+  // freed heap instead of faulting in fresh pages.
+  const bool kept = kvscope::keep_freed_heap_memory();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 
@@ -34,6 +38,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("kvscope_copy_GBps (bw_ratio = 1)", fmt(l.copy_Bps / 1e9));
   benchmark::AddCustomContext("kvscope_fp32_fma_peak_GFLOPs", fmt(l.peak_flops / 1e9, 1));
   benchmark::AddCustomContext("kvscope_limits_other_load (> 0.05: contended, rerun)", fmt(l.other_load));
+  benchmark::AddCustomContext("kvscope_keep_freed_heap", kept ? "yes" : "no");
   benchmark::AddCustomContext("kvscope_dram_footprint_MiB", std::to_string(dram_footprint() >> 20));
   benchmark::AddCustomContext("kvscope_layer", "q_heads " + std::to_string(s.q_heads) + ", kv_heads " +
                                                    std::to_string(s.kv_heads) + ", d " + std::to_string(s.head_dim) +

@@ -7,8 +7,10 @@
 
 #include "commands.hpp"
 #include "kvscope/core/error.hpp"
+#include "kvscope/core/heap.hpp"
 
 int main(int argc, char** argv) {
+  kvscope::keep_freed_heap_memory();  // plans are allocated and freed per layer
   CLI::App app{"kvscope: simulate and verify KV-cache compression on attention traces"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "kvscope 0.1.0");
