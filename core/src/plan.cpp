@@ -35,6 +35,10 @@ Plan Plan::identity(std::int64_t n) {
 }
 
 Plan Plan::keep(std::int64_t n, std::span<const std::int64_t> kept) {
+  return keep(n, std::vector<std::int64_t>(kept.begin(), kept.end()));
+}
+
+Plan Plan::keep(std::int64_t n, std::vector<std::int64_t>&& kept) {
   std::int64_t prev = -1;
   for (std::int64_t j : kept) {
     if (j <= prev || j >= n)
@@ -46,7 +50,7 @@ Plan Plan::keep(std::int64_t n, std::span<const std::int64_t> kept) {
   const std::size_t m = kept.size();
   Plan p;
   p.n = n;
-  p.token.assign(kept.begin(), kept.end());
+  p.token = std::move(kept);
   p.coef_k.assign(m, 1.0);
   p.coef_v.assign(m, 1.0);
   p.row_ptr.resize(m + 1);

@@ -120,6 +120,7 @@ std::vector<std::int64_t> complement(std::int64_t n, std::span<const std::int64_
   std::vector<char> out_of(static_cast<std::size_t>(n), 0);
   for (std::int64_t j : excluded) out_of[static_cast<std::size_t>(j)] = 1;
   std::vector<std::int64_t> rest;
+  rest.reserve(static_cast<std::size_t>(std::max<std::int64_t>(0, n - static_cast<std::int64_t>(excluded.size()))));
   for (std::int64_t j = 0; j < n; ++j)
     if (!out_of[static_cast<std::size_t>(j)]) rest.push_back(j);
   return rest;
@@ -127,6 +128,7 @@ std::vector<std::int64_t> complement(std::int64_t n, std::span<const std::int64_
 
 std::vector<std::int64_t> merge_sorted(std::span<const std::int64_t> a, std::span<const std::int64_t> b) {
   std::vector<std::int64_t> out;
+  out.reserve(a.size() + b.size());
   std::set_union(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(out));
   return out;
 }

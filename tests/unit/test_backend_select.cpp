@@ -62,3 +62,24 @@ TEST(BackendSelect, TheFirstBadHeadInOrderNamesTheError) {
   p.scores[6] = NAN;
   EXPECT_EQ(error_of(p, {4, 4, 4, 4}), "");
 }
+
+// Heads whose scores and budget equal the previous head's (TOVA's one score
+// row for every head) take its plan without a top-k of their own; the copies
+// must be the plans those heads would get, and errors stay the source's.
+TEST(BackendSelect, RepeatedHeadsTakeTheirSourcesPlan) {
+  opt::ScoreSet s{4, 8, {}, {6, 7}};
+  for (int h = 0; h < 4; ++h)
+    for (int j = 0; j < 8; ++j) s.scores.push_back(static_cast<float>(h < 3 ? j : 7 - j));
+  std::vector<Plan> plans = opt::select_per_head(s, {4, 4, 4, 4}, "m");
+  for (int h = 0; h < 3; ++h) EXPECT_EQ(plans[h].token, (std::vector<std::int64_t>{4, 5, 6, 7})) << "head " << h;
+  EXPECT_EQ(plans[3].token, (std::vector<std::int64_t>{0, 1, 6, 7}));
+  EXPECT_EQ(plans[1], plans[0]);
+  // A different budget breaks the chain: head 2 selects on its own.
+  plans = opt::select_per_head(s, {4, 4, 3, 4}, "m");
+  EXPECT_EQ(plans[1].token, (std::vector<std::int64_t>{4, 5, 6, 7}));
+  EXPECT_EQ(plans[2].token, (std::vector<std::int64_t>{5, 6, 7}));
+  // A NaN in the chain's first head is named there, once.
+  s.scores[3] = NAN;
+  for (int h = 1; h < 3; ++h) s.scores[h * 8 + 3] = NAN;
+  EXPECT_EQ(error_of(s, {4, 4, 4, 4}), "m: score of token 3 of kv head 0 is NaN");
+}

@@ -1,9 +1,9 @@
 #include "kvscope/opt/backend.hpp"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/opt/cpu/select.hpp"
@@ -50,13 +50,16 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
     return budget < T && budget < n_prot;
   };
   // A head whose scores and budget equal the previous head's (TOVA scores the
-  // layer once for every head) takes that head's plan instead of a top-k.
-  std::vector<char> repeats(static_cast<std::size_t>(scores.heads), 0);
-  for (int h = 1; h < scores.heads; ++h)
-    repeats[static_cast<std::size_t>(h)] =
-        head_budgets[static_cast<std::size_t>(h)] == head_budgets[static_cast<std::size_t>(h - 1)] &&
-        std::equal(scores.head(h), scores.head(h) + T, scores.head(h - 1),
-                   [](float a, float b) { return std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b); });
+  // layer once for every head) takes that head's plan instead of a top-k:
+  // source[h] is the head whose plan it takes (itself, if none).
+  std::vector<int> source(static_cast<std::size_t>(scores.heads));
+  for (int h = 0; h < scores.heads; ++h)
+    source[static_cast<std::size_t>(h)] =
+        h > 0 && head_budgets[static_cast<std::size_t>(h)] == head_budgets[static_cast<std::size_t>(h - 1)] &&
+                std::memcmp(scores.head(h), scores.head(h - 1), static_cast<std::size_t>(T) * sizeof(float)) == 0
+            ? source[static_cast<std::size_t>(h - 1)]
+            : h;
+  const auto repeats = [&](int h) { return source[static_cast<std::size_t>(h)] != h; };
   std::vector<Plan> plans(static_cast<std::size_t>(scores.heads));
   std::vector<std::int64_t> nan_at(static_cast<std::size_t>(scores.heads), -1);  // first NaN candidate, per head
 #pragma omp parallel
@@ -65,24 +68,37 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
 #pragma omp for schedule(dynamic, 1)
     for (int h = 0; h < scores.heads; ++h) {
       const std::int64_t budget = head_budgets[static_cast<std::size_t>(h)];
-      if (repeats[static_cast<std::size_t>(h)]) continue;
+      if (repeats(h)) continue;
       if (budget >= T) {
         plans[static_cast<std::size_t>(h)] = Plan::identity(T);
         continue;
       }
       if (bad_budget(h)) continue;
       const float* s = scores.head(h);
-      const auto nan = std::find_if(candidates.begin(), candidates.end(), [s](std::int64_t j) { return std::isnan(s[j]); });
+      // NaN among the candidates is an error; a vectorised count over the
+      // whole row first spares the indexed search when there is none.
+      std::int64_t nans = 0;
+      for (std::int64_t j = 0; j < T; ++j) nans += std::isnan(s[j]) ? 1 : 0;
+      const auto nan = nans == 0 ? candidates.end()
+                                 : std::find_if(candidates.begin(), candidates.end(), [s](std::int64_t j) { return std::isnan(s[j]); });
       if (nan != candidates.end()) {
         nan_at[static_cast<std::size_t>(h)] = *nan;
         continue;
       }
       cpu::top_k(s, candidates, budget - n_prot, kept);
-      plans[static_cast<std::size_t>(h)] = Plan::keep(T, ref::merge_sorted(kept, prot));
+      // kept and prot are disjoint (kept are candidates): a plain merge.
+      std::vector<std::int64_t> tokens(kept.size() + prot.size());
+      std::merge(kept.begin(), kept.end(), prot.begin(), prot.end(), tokens.begin());
+      plans[static_cast<std::size_t>(h)] = Plan::keep(T, std::move(tokens));
     }
+    // Repeated heads copy their source's plan, on every thread (TOVA: seven
+    // copies of a head's plan were a serial tail).
+#pragma omp for schedule(static)
+    for (int h = 0; h < scores.heads; ++h)
+      if (repeats(h)) plans[static_cast<std::size_t>(h)] = plans[static_cast<std::size_t>(source[static_cast<std::size_t>(h)])];
   }
   for (int h = 0; h < scores.heads; ++h) {
-    if (repeats[static_cast<std::size_t>(h)]) continue;  // its errors are the previous head's
+    if (repeats(h)) continue;  // its errors are its source's
     if (bad_budget(h))
       throw Error(ErrorKind::kImpossibleBudget, method + ": budget " +
                                                     std::to_string(head_budgets[static_cast<std::size_t>(h)]) +
@@ -93,8 +109,6 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
                                             std::to_string(nan_at[static_cast<std::size_t>(h)]) + " of kv head " +
                                             std::to_string(h) + " is NaN");
   }
-  for (int h = 1; h < scores.heads; ++h)
-    if (repeats[static_cast<std::size_t>(h)]) plans[static_cast<std::size_t>(h)] = plans[static_cast<std::size_t>(h) - 1];
   return plans;
 }
 

@@ -77,9 +77,9 @@ inline std::uint32_t descending_bits(float score) {
 /// a key's position orders like its index, and ties need no index in the key.
 bool increasing_in_key(std::span<const std::int64_t> c) {
   if (c.empty() || c.front() < 0 || c.back() > static_cast<std::int64_t>(UINT32_MAX)) return false;
-  bool up = true;
-  for (std::size_t i = 1; i < c.size(); ++i) up &= c[i] > c[i - 1];
-  return up;
+  std::size_t steps_down = 0;  // a count, so the loop vectorises
+  for (std::size_t i = 1; i < c.size(); ++i) steps_down += c[i] <= c[i - 1] ? 1 : 0;
+  return steps_down == 0;
 }
 
 /// top_k for increasing candidates, 0 < kk < n, n >= kRadixMin, on 32-bit

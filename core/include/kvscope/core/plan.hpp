@@ -48,6 +48,8 @@ struct Plan {
   static Plan identity(std::int64_t n);
   /// Plan keeping exactly `kept` (must be increasing) of n tokens, one-hot.
   static Plan keep(std::int64_t n, std::span<const std::int64_t> kept);
+  /// The same, taking over `kept`'s storage as the token array (one copy less).
+  static Plan keep(std::int64_t n, std::vector<std::int64_t>&& kept);
 };
 
 /// outer ∘ inner: `outer` ranges over the slots of `inner` (outer.n == inner.slots()).
