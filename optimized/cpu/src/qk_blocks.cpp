@@ -201,16 +201,19 @@ void exp_inplace(float* x, std::int64_t n) {
 #endif
 }
 
-/// max / sum with eight accumulators in a fixed order (vectorisable as
+/// max / sum with many accumulators in a fixed order (vectorisable as
 /// written; no reassociation is needed or allowed).
 float max_of(const float* x, std::int64_t n) {
-  float m[kLanes];
-  std::fill(m, m + kLanes, -INFINITY);
+  // Four vectors of lanes: one was a chain of dependent maxes, 4 cycles per
+  // eight floats (max is exact in any order).
+  constexpr int kWide = 4 * kLanes;
+  float m[kWide];
+  std::fill(m, m + kWide, -INFINITY);
   std::int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = std::max(m[l], x[i + l]);
+  for (; i + kWide <= n; i += kWide)
+    for (int l = 0; l < kWide; ++l) m[l] = std::max(m[l], x[i + l]);
   for (; i < n; ++i) m[0] = std::max(m[0], x[i]);
-  return *std::max_element(m, m + kLanes);
+  return *std::max_element(m, m + kWide);
 }
 
 #if !defined(__AVX2__)

@@ -85,8 +85,10 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
   const std::int64_t T = s.tokens, w = std::clamp<std::int64_t>(window, 0, T);
   const int d = s.head_dim, G = s.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::fill(out, out + s.q_heads * T, 0.0f);
-  if (w == 0) return;
+  if (w == 0) {
+    std::fill(out, out + s.q_heads * T, 0.0f);
+    return;
+  }
   const std::int64_t R = G * w;  // every window query of a group
   const std::int64_t blocks = (T + kKeyBlock - 1) / kKeyBlock;
   // kv heads per pass: as many as keep their logits within kLogitFloats (in
@@ -128,6 +130,9 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
       for (std::int64_t item = 0; item < nh * G * blocks; ++item) {
         const std::int64_t e = item / blocks, j0 = item % blocks * kKeyBlock, j1 = std::min(T, j0 + kKeyBlock);
         float* acc = out + (g0 * G + e) * T;  // probabilities are >= 0: 0 is also the max identity
+        // Zeroed here, block by block on every thread, not up front on one
+        // (a serial 1 MiB fill for TOVA's 32 rows).
+        std::fill(acc + j0, acc + j1, 0.0f);
         for (std::int64_t r = e * w; r < (e + 1) * w; ++r) {
           const float* p = &logits[static_cast<std::size_t>(r * T)];
           const float ir = inv[static_cast<std::size_t>(r)];
@@ -262,18 +267,23 @@ void pool1d_rows(const float* x, std::int64_t x_stride, std::int64_t rows, std::
 
 void group_reduce(const float* in, int q_heads, int kv_heads, std::int64_t n, Reduce r, float* out) {
   const int G = q_heads / kv_heads;
-  // kv heads on the threads (each output element still summed by one thread in
-  // i order); small inputs stay serial, not worth a parallel region.
+  // (kv head, block of columns) items on the threads, so one kv head (TOVA's
+  // mean over every q head) is split too; each output element is still
+  // reduced by one thread in i order. Small inputs stay serial, not worth a
+  // parallel region.
+  constexpr std::int64_t kColumns = 2048;
+  const std::int64_t blocks = (n + kColumns - 1) / kColumns;
 #pragma omp parallel for schedule(static) if (static_cast<std::int64_t>(q_heads) * n >= (1 << 16))
-  for (int g = 0; g < kv_heads; ++g) {
-    float* o = out + static_cast<std::int64_t>(g) * n;
-    std::copy(in + static_cast<std::int64_t>(g) * G * n, in + (static_cast<std::int64_t>(g) * G + 1) * n, o);
+  for (std::int64_t item = 0; item < kv_heads * blocks; ++item) {
+    const std::int64_t g = item / blocks, j0 = item % blocks * kColumns, j1 = std::min(n, j0 + kColumns);
+    float* o = out + g * n;
+    std::copy(in + g * G * n + j0, in + g * G * n + j1, o + j0);
     for (int i = 1; i < G; ++i) {
-      const float* x = in + (static_cast<std::int64_t>(g) * G + i) * n;
-      for (std::int64_t j = 0; j < n; ++j) o[j] = r == Reduce::kMax ? std::max(o[j], x[j]) : o[j] + x[j];
+      const float* x = in + (g * G + i) * n;
+      for (std::int64_t j = j0; j < j1; ++j) o[j] = r == Reduce::kMax ? std::max(o[j], x[j]) : o[j] + x[j];
     }
     if (r == Reduce::kMean)
-      for (std::int64_t j = 0; j < n; ++j) o[j] /= static_cast<float>(G);
+      for (std::int64_t j = j0; j < j1; ++j) o[j] /= static_cast<float>(G);
   }
 }
 
