@@ -24,10 +24,12 @@ namespace {
 #if KVSCOPE_CPU_AVX2
 /// Keys per tile: two vectors of logits per query row.
 constexpr int kTileKeys = 16;
-/// Query rows per tile: MR x 2 accumulators, two key vectors and a broadcast
-/// fill the registers (AVX2's 16; AVX-512VL's 32 ymm).
-#if defined(__AVX512VL__)
-constexpr int kTileRows = 12;
+/// Query rows per tile. AVX2: MR x 2 ymm accumulators, two key vectors and a
+/// broadcast fill its 16 registers. AVX-512: a row's 16 logits are one zmm,
+/// so 16 accumulators, a key vector and a broadcast (of 32), and R = 32 or
+/// 128 window rows split into whole tiles.
+#if defined(__AVX512F__)
+constexpr int kTileRows = 16;
 #else
 constexpr int kTileRows = 6;
 #endif
@@ -71,6 +73,22 @@ void transpose_tile(const S* const* row, std::int64_t n, int d, float* Kt) {
 /// the tile shape (so a logit depends on its q and k only).
 template <int MR>
 inline void qkt_tile(const float* Q, int d, const float* Kt, std::int64_t n, float* logits, std::int64_t ld) {
+#if defined(__AVX512F__)
+  // A row's 16 keys in one zmm: the lanes are keys, so every logit is still
+  // its own chain in c order (the same bits as two ymm halves), at half the
+  // FMA instructions.
+  __m512 z[MR];
+#pragma GCC unroll 16
+  for (int u = 0; u < MR; ++u) z[u] = _mm512_setzero_ps();
+  for (int c = 0; c < d; ++c) {
+    const __m512 k = _mm512_loadu_ps(Kt + c * kTileKeys);
+#pragma GCC unroll 16
+    for (int u = 0; u < MR; ++u) z[u] = _mm512_fmadd_ps(_mm512_set1_ps(Q[u * d + c]), k, z[u]);
+  }
+  const auto keys = static_cast<__mmask16>(n >= kTileKeys ? 0xffffu : (1u << n) - 1u);
+#pragma GCC unroll 16
+  for (int u = 0; u < MR; ++u) _mm512_mask_storeu_ps(logits + u * ld, keys, z[u]);
+#else
   __m256 a[MR][2];
 #pragma GCC unroll 16
   for (int u = 0; u < MR; ++u) a[u][0] = a[u][1] = _mm256_setzero_ps();
@@ -96,6 +114,7 @@ inline void qkt_tile(const float* Q, int d, const float* Kt, std::int64_t n, flo
       std::copy(row, row + n, out);
     }
   }
+#endif
 }
 
 /// The last rows < kTileRows of a key tile, as one tile of their count.
