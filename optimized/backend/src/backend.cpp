@@ -86,10 +86,7 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
         continue;
       }
       cpu::top_k(s, candidates, budget - n_prot, kept);
-      // kept and prot are disjoint (kept are candidates): a plain merge.
-      std::vector<std::int64_t> tokens(kept.size() + prot.size());
-      std::merge(kept.begin(), kept.end(), prot.begin(), prot.end(), tokens.begin());
-      plans[static_cast<std::size_t>(h)] = Plan::keep(T, std::move(tokens));
+      plans[static_cast<std::size_t>(h)] = Plan::keep(T, ref::merge_sorted(kept, prot));
     }
     // Repeated heads copy their source's plan, on every thread (TOVA: seven
     // copies of a head's plan were a serial tail).

@@ -22,7 +22,7 @@ namespace kvscope::opt::cpu::detail {
 namespace {
 
 #if KVSCOPE_CPU_AVX2
-/// Keys per tile: two vectors of logits per query row.
+/// Keys per tile: a query row's logits are two ymm (one zmm under AVX-512).
 constexpr int kTileKeys = 16;
 /// Query rows per tile. AVX2: MR x 2 ymm accumulators, two key vectors and a
 /// broadcast fill its 16 registers. AVX-512: a row's 16 logits are one zmm,

@@ -13,13 +13,19 @@
 namespace kvscope::opt::cpu {
 namespace {
 
-/// Key whose unsigned order is the selection order: score descending (the
-/// float's bits mapped to a monotone integer, -0 as +0 so they tie), then
-/// index ascending in the low 32 bits.
-std::uint64_t selection_key(float score, std::int64_t index) {
+/// The score's bits as an integer that orders like the score descending (-0
+/// as +0). Branch-free, so the key pass vectorises: a negative float's bits
+/// stay, a positive one's low 31 flip.
+inline std::uint32_t descending_bits(float score) {
   const auto u = std::bit_cast<std::uint32_t>(score == 0.0f ? 0.0f : score);
-  const std::uint32_t descending = (u >> 31) != 0 ? u : ~u & 0x7fffffffu;
-  return static_cast<std::uint64_t>(descending) << 32 | static_cast<std::uint32_t>(index);
+  const auto negative = static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31);
+  return u ^ (~negative & 0x7fffffffu);
+}
+
+/// Key whose unsigned order is the selection order: score descending
+/// (descending_bits, so -0 and +0 tie), then index ascending in the low 32 bits.
+std::uint64_t selection_key(float score, std::int64_t index) {
+  return static_cast<std::uint64_t>(descending_bits(score)) << 32 | static_cast<std::uint32_t>(index);
 }
 
 bool fits_in_key(std::span<const std::int64_t> candidates) {
@@ -31,6 +37,15 @@ bool fits_in_key(std::span<const std::int64_t> candidates) {
 constexpr std::size_t kRadixMin = 256;
 /// Buckets of the histogram pass (fits in L1 with the keys streaming past).
 constexpr int kBucketBits = 11;
+
+/// The least shift that maps key range [lo, hi] onto the 2^kBucketBits
+/// buckets: the buckets span the keys' own range, so clustered scores (key
+/// norms, attention of one scale) still spread over them.
+int bucket_shift(std::uint32_t lo, std::uint32_t hi) {
+  int shift = 0;
+  while (((hi - lo) >> shift) >= (1u << kBucketBits)) ++shift;
+  return shift;
+}
 
 /// The kk-th smallest of `keys` (1 <= kk <= size), in O(n): one histogram pass
 /// over the score halves, scaled to their [min, max] range so clustered scores
@@ -47,8 +62,7 @@ std::uint64_t kth_smallest(const std::vector<std::uint64_t>& keys, std::size_t k
     const auto top = static_cast<std::uint32_t>(key >> 32);
     lo = std::min(lo, top), hi = std::max(hi, top);
   }
-  int shift = 0;
-  while (((hi - lo) >> shift) >= (1u << kBucketBits)) ++shift;
+  const int shift = bucket_shift(lo, hi);
   const auto bucket = [&](std::uint64_t key) { return (static_cast<std::uint32_t>(key >> 32) - lo) >> shift; };
   std::array<std::uint32_t, 1u << kBucketBits> count{};
   for (std::uint64_t key : keys) ++count[bucket(key)];
@@ -62,15 +76,6 @@ std::uint64_t kth_smallest(const std::vector<std::uint64_t>& keys, std::size_t k
   const std::size_t pos = kk - below - 1;
   std::nth_element(in_b.begin(), in_b.begin() + static_cast<std::ptrdiff_t>(pos), in_b.end());
   return in_b[pos];
-}
-
-/// selection_key's upper half: the score's bits as an integer that orders
-/// like the score descending (-0 as +0). Branch-free, so the key pass
-/// vectorises: a negative float's bits stay, a positive one's low 31 flip.
-inline std::uint32_t descending_bits(float score) {
-  const auto u = std::bit_cast<std::uint32_t>(score == 0.0f ? 0.0f : score);
-  const auto negative = static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31);
-  return u ^ (~negative & 0x7fffffffu);
 }
 
 /// Whether the candidates increase strictly and fit in a key's low half: then
@@ -106,8 +111,7 @@ void top_k_increasing(const float* scores, std::span<const std::int64_t> candida
       keys[i] = key, lo = std::min(lo, key), hi = std::max(hi, key);
     }
   }
-  int shift = 0;
-  while (((hi - lo) >> shift) >= (1u << kBucketBits)) ++shift;
+  const int shift = bucket_shift(lo, hi);
   // Two interleaved histograms: runs of equal scores (clustered key norms)
   // would otherwise make each count wait on the previous increment's store.
   constexpr std::uint32_t kHalf = 1u << kBucketBits;
