@@ -6,6 +6,7 @@
 // built from the plan's CSR rows by apply_ragged_plan like every other plan.
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <span>
 
 #include "cpu_families.hpp"
@@ -61,9 +62,8 @@ class KVMergerCpu final : public BackendMethod {
     // Heads in parallel, each head's decisions and weights on one thread.
     std::vector<Plan> plans(heads);
     parallel_heads(hkv, [&](int g) {
-      std::vector<std::int64_t> begin, pivot, row;
+      std::vector<std::int64_t> begin, pivot;
       std::vector<float> w(static_cast<std::size_t>(T));
-      std::vector<double> ck, cv;
       const float* sc = score.data() + static_cast<std::int64_t>(g) * T;
       const float* co = cosine.data() + static_cast<std::int64_t>(g) * (T - 1);
       // The decisions, shared with the reference (fp32 -> double is exact, so ranks are unchanged).
@@ -77,25 +77,30 @@ class KVMergerCpu final : public BackendMethod {
         cpu::gaussian_merge_weights(in.k.data<S>() + static_cast<std::int64_t>(g) * T * d, T, d, begin.data(),
                                     pivot.data(), runs, sigma_of(c_.sigma_mode), static_cast<float>(c_.sigma), w.data());
       });
+      // Every token is in exactly one run and the runs are in order, so the
+      // plan is filled in bulk (ref::kvmerger_head_plan's slots, one per run):
+      // rows = the runs, tokens 0..T-1, coef_k = the weights (1 for one-token
+      // runs), coef_v = coef_k times the run's size when values are scaled,
+      // position = the pivot (a one-token run's own token), count = the size.
       Plan& p = plans[static_cast<std::size_t>(g)];
       p.n = T;
+      p.token.resize(static_cast<std::size_t>(T));
+      std::iota(p.token.begin(), p.token.end(), std::int64_t{0});
+      p.coef_k.resize(static_cast<std::size_t>(T));
+      p.coef_v.resize(static_cast<std::size_t>(T));
+      p.count.resize(static_cast<std::size_t>(runs));
       for (std::int64_t r = 0; r < runs; ++r) {
         const std::int64_t b = begin[static_cast<std::size_t>(r)], e = begin[static_cast<std::size_t>(r) + 1];
-        if (e - b == 1) {
-          p.add_kept(b);
-          continue;
-        }
         const double scale = c_.scaled_values ? static_cast<double>(e - b) : 1.0;
-        row.clear();
-        ck.clear();
-        cv.clear();
         for (std::int64_t j = b; j < e; ++j) {
-          row.push_back(j);
-          ck.push_back(static_cast<double>(w[static_cast<std::size_t>(j)]));
-          cv.push_back(scale * ck.back());
+          const auto u = static_cast<std::size_t>(j);
+          p.coef_k[u] = static_cast<double>(w[u]);
+          p.coef_v[u] = scale * p.coef_k[u];
         }
-        p.add_row(row, ck, cv, pivot[static_cast<std::size_t>(r)], e - b);
+        p.count[static_cast<std::size_t>(r)] = e - b;
       }
+      p.row_ptr = std::move(begin);
+      p.position = std::move(pivot);
     });
     return ref::LayerPlans::uniform(std::move(plans), budget);
   }
