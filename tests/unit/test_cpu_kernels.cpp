@@ -230,6 +230,28 @@ TEST(CpuKernels, AdjacentCosinesAreTheSameBitsForKeysScaledByPowersOfTwo) {
   }
 }
 
+// Where AVX-512 is built for, a row used as stored stays in registers as the
+// next pair's first row (d = 32, 64, 128); from a row that needs its scale on,
+// the item's pairs go through fp32 buffers. Both must give the same bits: row
+// 1 below gets one tiny entry (so it needs its scale), which sends pairs 1..
+// through the buffers, and pairs 2.. (whose rows are unchanged) must equal
+// those of the untouched head. bf16 and fp32 only: fp16 never needs a scale.
+TEST(CpuKernels, AdjacentCosinesInRegistersAreTheSameBitsAsThroughBuffers) {
+  const std::int64_t T = 40;
+  for (int d : {32, 64, 128, 96})
+    for (DType t : {DType::kF32, DType::kBF16}) {
+      Heads k = random_heads(1, T, d, t, 71);
+      const opt::cpu::LayerShape s{1, 1, d, T};
+      std::vector<float> want(static_cast<std::size_t>(T - 1)), got(want.size());
+      with_storage(k.storage, [&](const auto* kp) { opt::cpu::adjacent_key_cosine(s, kp, want.data()); });
+      k.storage.set(1 * d + 3, 0x1p-90f);
+      with_storage(k.storage, [&](const auto* kp) { opt::cpu::adjacent_key_cosine(s, kp, got.data()); });
+      SCOPED_TRACE(std::string(dtype_name(t)) + " d " + std::to_string(d));
+      EXPECT_NE(got[0], want[0]);  // the changed row's pairs moved
+      expect_same_bits(std::vector<float>(got.begin() + 2, got.end()), std::vector<float>(want.begin() + 2, want.end()));
+    }
+}
+
 TEST(CpuKernels, PoolingFollowsTorchEdgesIncludingKernelLongerThanInput) {
   std::mt19937_64 rng(8);
   std::normal_distribution<double> g;

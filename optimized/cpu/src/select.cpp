@@ -296,6 +296,84 @@ bool load_scaled(const S* src, int d, float* row) {
   return true;
 }
 
+#if defined(__AVX512F__) && KVSCOPE_CPU_AVX2
+// GCC 12's AVX-512 intrinsics (conversions, shuffles, extracts) start from
+// _mm512_undefined_*(), which -Wuninitialized flags once they are inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+/// Sixteen storage elements as fp32, exact (load8's conversions, one zmm).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+/// fused_dots' sum of its four eight-lane chains, from the two zmm that hold
+/// them: v01 = [x0 | x1], v23 = [x2 | x3]; hsum((x0 + x1) + (x2 + x3)).
+inline float sum_of_chains(__m512 v01, __m512 v23) {
+  const __m256 s01 = _mm256_add_ps(_mm512_castps512_ps256(v01), _mm512_extractf32x8_ps(v01, 1));
+  const __m256 s23 = _mm256_add_ps(_mm512_castps512_ps256(v23), _mm512_extractf32x8_ps(v23, 1));
+  return detail::hsum(_mm256_add_ps(s01, s23));
+}
+
+/// The cosines of pairs [j, j1) of one head's rows kh (d = 16 * kBlocks),
+/// with row j's squared norm in `na`, while every row is used as stored:
+/// each row is converted once and kept in registers as the next pair's
+/// first row (the AVX2 loop converts each row twice, and a stored fp32 row
+/// costs more than converting it again). The blocks of sixteen lanes hold
+/// fused_dots' chains in pairs, in the same order, so the same bits. Returns
+/// the first pair not done: j1, or the pair whose second row needs its scale.
+template <int kBlocks, class S>
+std::int64_t cosines_in_registers(const S* kh, std::int64_t j, std::int64_t j1, float& na, float* out) {
+  constexpr int d = 16 * kBlocks;
+  __m512 a[kBlocks];
+  for (int k = 0; k < kBlocks; ++k) a[k] = load16(kh + j * d + 16 * k);
+  for (; j < j1; ++j) {
+    const S* next = kh + (j + 1) * d;
+    prefetch(reinterpret_cast<const char*>(next) + kPrefetchAhead, d * sizeof(S));
+    __m512 b[kBlocks];
+    __m512 x[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, y[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512i hi = _mm512_setzero_si512(), lo_m1 = _mm512_set1_epi32(-1);
+    for (int k = 0; k < kBlocks; ++k) {
+      b[k] = load16(next + 16 * k);
+      x[k % 2] = _mm512_fmadd_ps(a[k], b[k], x[k % 2]);
+      y[k % 2] = _mm512_fmadd_ps(b[k], b[k], y[k % 2]);
+      if constexpr (!std::is_same_v<S, f16>) {  // the range used_unscaled needs (AbsRange's, on sixteen lanes)
+        const __m512i m = _mm512_and_si512(_mm512_castps_si512(b[k]), _mm512_set1_epi32(0x7fffffff));
+        hi = _mm512_max_epu32(hi, m);
+        lo_m1 = _mm512_min_epu32(lo_m1, _mm512_sub_epi32(m, _mm512_set1_epi32(1)));
+      }
+    }
+    if constexpr (!std::is_same_v<S, f16>) {
+      detail::AbsRange r;
+      r.hi = _mm256_max_epu32(_mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1));
+      r.lo_m1 = _mm256_min_epu32(_mm512_castsi512_si256(lo_m1), _mm512_extracti64x4_epi64(lo_m1, 1));
+      if (!used_unscaled<S>(r.high(), r.low())) return j;
+    }
+    const float nb = sum_of_chains(y[0], y[1]);
+    out[j] = math::cosine(sum_of_chains(x[0], x[1]), na, nb);
+    na = nb;
+    for (int k = 0; k < kBlocks; ++k) a[k] = b[k];
+  }
+  return j;
+}
+
+/// cosines_in_registers for this d, or j (nothing done) where d has no
+/// register-resident version.
+template <class S>
+std::int64_t cosines_in_registers(const S* kh, int d, std::int64_t j, std::int64_t j1, float& na, float* out) {
+  switch (d) {
+    case 32: return cosines_in_registers<2>(kh, j, j1, na, out);
+    case 64: return cosines_in_registers<4>(kh, j, j1, na, out);
+    case 128: return cosines_in_registers<8>(kh, j, j1, na, out);
+    default: return j;
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 // Pairs per work item: each item loads one row more than it has pairs.
 constexpr std::int64_t kPairsPerItem = 256;
 
@@ -323,7 +401,14 @@ void adjacent_key_cosine(const LayerShape& s, const S* k, float* out) {
       bool a_scaled = load_scaled(kh + j0 * d, d, a.data());
       float na = squared_norm(a.data(), d);
       [[maybe_unused]] bool a_in_buffer = true;
-      for (std::int64_t j = j0; j < j1; ++j) {
+      std::int64_t j = j0;
+#if defined(__AVX512F__) && KVSCOPE_CPU_AVX2
+      if (!a_scaled) {  // row j0 as stored: the pairs in registers until a row needs its scale
+        j = cosines_in_registers(kh, d, j0, j1, na, out + h * pairs);
+        a_in_buffer = j == j0;  // else row j (unscaled) is only in storage
+      }
+#endif
+      for (; j < j1; ++j) {
         const S* next = kh + (j + 1) * d;
         prefetch(reinterpret_cast<const char*>(next) + kPrefetchAhead, d * sizeof(S));
         float ab = 0.0f, nb = 0.0f;
