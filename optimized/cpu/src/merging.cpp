@@ -57,45 +57,73 @@ void scaled_sq_norms(const float* x, std::int64_t m, int d, float f1, float f2, 
 }
 
 #if KVSCOPE_CPU_AVX2
-/// The eight-lane difference kp - k_i of columns [c, c + 8) of a storage row,
-/// times 2^h1 * 2^h2 when scaled (in scaled_sq_norm's order).
+/// The eight-lane difference kp - k_i of columns [c, c + 8) of two storage
+/// rows, both converted in registers, times 2^h1 * 2^h2 when scaled (in
+/// scaled_sq_norm's order).
 template <bool kScaled, class S>
-__m256 scaled_difference(const float* kp, const S* row, int c, __m256 g1, __m256 g2) {
-  const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(kp + c), detail::load8(row + c));
+__m256 scaled_difference(const S* kp, const S* row, int c, __m256 g1, __m256 g2) {
+  const __m256 v = _mm256_sub_ps(detail::load8(kp + c), detail::load8(row + c));
   if constexpr (kScaled) return _mm256_mul_ps(_mm256_mul_ps(v, g1), g2);
   return v;
 }
 
-/// dist2[i] = scaled_sq_norm(kp - k_i, d, f1, f2) for the m rows of storage
-/// at k, the differences taken in registers (never stored), four rows at a
-/// time: each row one eight-lane FMA chain, so the same bits. With kRange,
-/// also the range of the differences, row i's in ranges[i % 4] (one row at a
-/// time, that pass's FMA chain held bf16 and fp32 to ~45% of the copy
-/// bandwidth; docs/performance.md, run 12).
+#if KVSCOPE_CPU_AVX512
+KVSCOPE_AVX512_WARNINGS_OFF
+/// scaled_sq_distances for d = 16 * kBlocks with the pivot converted once
+/// into registers, sixteen lanes at a time: the blocks hold the four chains
+/// in pairs ([x0 | x1], [x2 | x3]), in the same order, so the same bits.
+template <int kBlocks, bool kScaled, bool kRange, class S>
+void distances_in_registers(const S* kp, const S* k, std::int64_t m, float f1, float f2, float* dist2,
+                            detail::AbsRange* ranges) {
+  constexpr int d = 16 * kBlocks;
+  const __m512 g1 = _mm512_set1_ps(f1), g2 = _mm512_set1_ps(f2);
+  __m512 p[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) p[b] = detail::load16(kp + 16 * b);
+  for (std::int64_t i = 0; i < m; ++i) {
+    const S* r = k + i * d;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int b = 0; b < kBlocks; ++b) {
+      __m512 v = _mm512_sub_ps(p[b], detail::load16(r + 16 * b));
+      if constexpr (kScaled) v = _mm512_mul_ps(_mm512_mul_ps(v, g1), g2);
+      acc[b % 2] = _mm512_fmadd_ps(v, v, acc[b % 2]);
+      if constexpr (kRange) ranges[i % 4].add(detail::low8(v)), ranges[i % 4].add(detail::high8(v));
+    }
+    dist2[i] = detail::sum_of_chains(acc[0], acc[1]);
+  }
+}
+KVSCOPE_AVX512_WARNINGS_ON
+#endif
+
+/// dist2[i] = |(kp - k_i) 2^h1 2^h2|^2 for the m rows of storage at k against
+/// the pivot row kp (storage too), the differences taken in registers (never
+/// stored). Block j of eight columns goes to chain j % 4, the chains summed as
+/// (x0 + x1) + (x2 + x3) and then across lanes (fused_dots' order): four
+/// short chains a row, where one chain of d / 8 FMAs left the two- and
+/// three-token runs that dominate latency-bound. A fixed order, so the same
+/// bits on every run and thread count, and a power-of-two scale commutes with
+/// it. With kRange, also the range of the differences, row i's in
+/// ranges[i % 4].
 template <bool kScaled, bool kRange = false, class S>
-void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, float f1, float f2, float* dist2,
+void scaled_sq_distances(const S* kp, const S* k, std::int64_t m, int d, float f1, float f2, float* dist2,
                          detail::AbsRange* ranges = nullptr) {
+#if KVSCOPE_CPU_AVX512
+  switch (d) {
+    case 32: return distances_in_registers<2, kScaled, kRange>(kp, k, m, f1, f2, dist2, ranges);
+    case 64: return distances_in_registers<4, kScaled, kRange>(kp, k, m, f1, f2, dist2, ranges);
+    case 128: return distances_in_registers<8, kScaled, kRange>(kp, k, m, f1, f2, dist2, ranges);
+    default: break;
+  }
+#endif
   const __m256 g1 = _mm256_set1_ps(f1), g2 = _mm256_set1_ps(f2);
-  std::int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
+  for (std::int64_t i = 0; i < m; ++i) {
     const S* r = k + i * d;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int c = 0; c < d; c += 8)
-      for (int u = 0; u < 4; ++u) {
-        const __m256 v = scaled_difference<kScaled>(kp, r + u * d, c, g1, g2);
-        acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
-        if constexpr (kRange) ranges[u].add(v);
-      }
-    for (int u = 0; u < 4; ++u) dist2[i + u] = detail::hsum(acc[u]);
-  }
-  for (; i < m; ++i) {
-    __m256 acc = _mm256_setzero_ps();
     for (int c = 0; c < d; c += 8) {
-      const __m256 v = scaled_difference<kScaled>(kp, k + i * d, c, g1, g2);
-      acc = _mm256_fmadd_ps(v, v, acc);
+      const __m256 v = scaled_difference<kScaled>(kp, r, c, g1, g2);
+      acc[(c / 8) % 4] = _mm256_fmadd_ps(v, v, acc[(c / 8) % 4]);
       if constexpr (kRange) ranges[i % 4].add(v);
     }
-    dist2[i] = detail::hsum(acc);
+    dist2[i] = detail::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
   }
 }
 #endif
@@ -106,7 +134,7 @@ void scaled_sq_distances(const float* kp, const S* k, std::int64_t m, int d, flo
 /// one or two over the run's rows (below).
 /// Under AVX2 with d % 8 == 0; else false and nothing done.
 template <class S>
-bool squared_distances_from_storage(const float* kp, const S* k, std::int64_t m, int d, float* dist2, int& ex) {
+bool squared_distances_from_storage(const S* kp, const S* k, std::int64_t m, int d, float* dist2, int& ex) {
   ex = 0;
 #if KVSCOPE_CPU_AVX2
   if (d % 8 != 0) return false;
@@ -173,7 +201,6 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
         w[b] = 1.0f;
         continue;
       }
-      load_row(k_head + pivot[s] * d, d, kp.data());
       dist2.resize(static_cast<std::size_t>(m));
       // Scale exponent ex of the largest difference k_p - k_i: |k_p - k_i|^2
       // of tiny keys would underflow in fp32 (the reference's double does
@@ -182,8 +209,9 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
       // every rounding, so the weights are the same bits without it; its
       // distances come straight from storage, the differences never stored.
       int ex = 0;
-      const bool direct = squared_distances_from_storage(kp.data(), k_head + b * d, m, d, dist2.data(), ex);
+      const bool direct = squared_distances_from_storage(k_head + pivot[s] * d, k_head + b * d, m, d, dist2.data(), ex);
       if (!direct) {
+        load_row(k_head + pivot[s] * d, d, kp.data());
         diff.resize(static_cast<std::size_t>(m * d));  // each key row converted once
         for (std::int64_t i = 0; i < m; ++i)
           for (int c = 0; c < d; ++c)

@@ -296,28 +296,8 @@ bool load_scaled(const S* src, int d, float* row) {
   return true;
 }
 
-#if defined(__AVX512F__) && KVSCOPE_CPU_AVX2
-// GCC 12's AVX-512 intrinsics (conversions, shuffles, extracts) start from
-// _mm512_undefined_*(), which -Wuninitialized flags once they are inlined.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-/// Sixteen storage elements as fp32, exact (load8's conversions, one zmm).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-
-/// fused_dots' sum of its four eight-lane chains, from the two zmm that hold
-/// them: v01 = [x0 | x1], v23 = [x2 | x3]; hsum((x0 + x1) + (x2 + x3)).
-inline float sum_of_chains(__m512 v01, __m512 v23) {
-  const __m256 s01 = _mm256_add_ps(_mm512_castps512_ps256(v01), _mm512_extractf32x8_ps(v01, 1));
-  const __m256 s23 = _mm256_add_ps(_mm512_castps512_ps256(v23), _mm512_extractf32x8_ps(v23, 1));
-  return detail::hsum(_mm256_add_ps(s01, s23));
-}
-
+#if KVSCOPE_CPU_AVX512
+KVSCOPE_AVX512_WARNINGS_OFF
 /// The cosines of pairs [j, j1) of one head's rows kh (d = 16 * kBlocks),
 /// with row j's squared norm in `na`, while every row is used as stored:
 /// each row is converted once and kept in registers as the next pair's
@@ -329,7 +309,7 @@ template <int kBlocks, class S>
 std::int64_t cosines_in_registers(const S* kh, std::int64_t j, std::int64_t j1, float& na, float* out) {
   constexpr int d = 16 * kBlocks;
   __m512 a[kBlocks];
-  for (int k = 0; k < kBlocks; ++k) a[k] = load16(kh + j * d + 16 * k);
+  for (int k = 0; k < kBlocks; ++k) a[k] = detail::load16(kh + j * d + 16 * k);
   for (; j < j1; ++j) {
     const S* next = kh + (j + 1) * d;
     prefetch(reinterpret_cast<const char*>(next) + kPrefetchAhead, d * sizeof(S));
@@ -337,7 +317,7 @@ std::int64_t cosines_in_registers(const S* kh, std::int64_t j, std::int64_t j1, 
     __m512 x[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, y[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     __m512i hi = _mm512_setzero_si512(), lo_m1 = _mm512_set1_epi32(-1);
     for (int k = 0; k < kBlocks; ++k) {
-      b[k] = load16(next + 16 * k);
+      b[k] = detail::load16(next + 16 * k);
       x[k % 2] = _mm512_fmadd_ps(a[k], b[k], x[k % 2]);
       y[k % 2] = _mm512_fmadd_ps(b[k], b[k], y[k % 2]);
       if constexpr (!std::is_same_v<S, f16>) {  // the range used_unscaled needs (AbsRange's, on sixteen lanes)
@@ -352,8 +332,8 @@ std::int64_t cosines_in_registers(const S* kh, std::int64_t j, std::int64_t j1, 
       r.lo_m1 = _mm256_min_epu32(_mm512_castsi512_si256(lo_m1), _mm512_extracti64x4_epi64(lo_m1, 1));
       if (!used_unscaled<S>(r.high(), r.low())) return j;
     }
-    const float nb = sum_of_chains(y[0], y[1]);
-    out[j] = math::cosine(sum_of_chains(x[0], x[1]), na, nb);
+    const float nb = detail::sum_of_chains(y[0], y[1]);
+    out[j] = math::cosine(detail::sum_of_chains(x[0], x[1]), na, nb);
     na = nb;
     for (int k = 0; k < kBlocks; ++k) a[k] = b[k];
   }
@@ -371,7 +351,7 @@ std::int64_t cosines_in_registers(const S* kh, int d, std::int64_t j, std::int64
     default: return j;
   }
 }
-#pragma GCC diagnostic pop
+KVSCOPE_AVX512_WARNINGS_ON
 #endif
 
 // Pairs per work item: each item loads one row more than it has pairs.
@@ -402,7 +382,7 @@ void adjacent_key_cosine(const LayerShape& s, const S* k, float* out) {
       float na = squared_norm(a.data(), d);
       [[maybe_unused]] bool a_in_buffer = true;
       std::int64_t j = j0;
-#if defined(__AVX512F__) && KVSCOPE_CPU_AVX2
+#if KVSCOPE_CPU_AVX512
       if (!a_scaled) {  // row j0 as stored: the pairs in registers until a row needs its scale
         j = cosines_in_registers(kh, d, j0, j1, na, out + h * pairs);
         a_in_buffer = j == j0;  // else row j (unscaled) is only in storage

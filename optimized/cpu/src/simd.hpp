@@ -130,6 +130,37 @@ struct AbsRange {
   }
 };
 
+#if defined(__AVX512F__)
+#define KVSCOPE_CPU_AVX512 1
+// Around code that calls AVX-512 conversions, shuffles or extracts: GCC 12's
+// start from _mm512_undefined_*(), which -Wuninitialized flags once inlined.
+#define KVSCOPE_AVX512_WARNINGS_OFF                           \
+  _Pragma("GCC diagnostic push")                              \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")       \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define KVSCOPE_AVX512_WARNINGS_ON _Pragma("GCC diagnostic pop")
+KVSCOPE_AVX512_WARNINGS_OFF
+/// Sixteen storage elements as fp32, exact (load8's conversions, one zmm).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+/// The lower and upper eight lanes.
+inline __m256 low8(__m512 v) { return _mm512_castps512_ps256(v); }
+inline __m256 high8(__m512 v) { return _mm512_extractf32x8_ps(v, 1); }
+
+/// The sum of four eight-lane chains held in two zmm, v01 = [x0 | x1] and
+/// v23 = [x2 | x3]: hsum((x0 + x1) + (x2 + x3)), as the AVX2 loops that
+/// keep x0..x3 in four ymm sum them (fused_dots, the Gaussian distances).
+inline float sum_of_chains(__m512 v01, __m512 v23) {
+  return hsum(_mm256_add_ps(_mm256_add_ps(low8(v01), high8(v01)), _mm256_add_ps(low8(v23), high8(v23))));
+}
+KVSCOPE_AVX512_WARNINGS_ON
+#endif
+
 }  // namespace kvscope::opt::cpu::detail
 #endif
 
