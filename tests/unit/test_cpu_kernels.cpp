@@ -548,6 +548,41 @@ TEST(CpuKernels, GaussianWeightsAreTheSameBitsForKeysScaledByPowersOfTwo) {
   }
 }
 
+// Where AVX-512 is built for, the weights of sixteen runs are computed at
+// once, one run a lane. A run's weights must not depend on its neighbours:
+// each run of a 300-token head (lengths 1..40) is compared bit for bit with
+// the same run weighted alone, in every sigma mode and dtype.
+TEST(CpuKernels, GaussianWeightsOfARunDoNotDependOnItsNeighbours) {
+  const std::int64_t T = 300;
+  std::mt19937_64 rng(54);
+  std::vector<std::int64_t> begin{0}, pivot;
+  while (begin.back() < T) {
+    const std::int64_t len = rng() % 8 == 0 ? 1 + static_cast<std::int64_t>(rng() % 40) : 1 + static_cast<std::int64_t>(rng() % 3);
+    const std::int64_t e = std::min(T, begin.back() + len);
+    pivot.push_back(begin.back() + static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(e - begin.back())));
+    begin.push_back(e);
+  }
+  const auto runs = static_cast<std::int64_t>(pivot.size());
+  for (int d : {16, 128})
+    for (DType t : kDtypes)
+      for (auto mode : {opt::cpu::SigmaMode::kMeanDistance, opt::cpu::SigmaMode::kFixed, opt::cpu::SigmaMode::kLiteral}) {
+        const Heads k = random_heads(1, T, d, t, 55);
+        std::vector<float> all(static_cast<std::size_t>(T));
+        with_storage(k.storage, [&](const auto* kp) {
+          opt::cpu::gaussian_merge_weights(kp, T, d, begin.data(), pivot.data(), runs, mode, 2.0f, all.data());
+          for (std::int64_t r = 0; r < runs; ++r) {
+            const std::int64_t b = begin[static_cast<std::size_t>(r)], m = begin[static_cast<std::size_t>(r) + 1] - b;
+            const std::int64_t one_begin[2] = {0, m}, one_pivot[1] = {pivot[static_cast<std::size_t>(r)] - b};
+            std::vector<float> alone(static_cast<std::size_t>(m));
+            opt::cpu::gaussian_merge_weights(kp + b * d, m, d, one_begin, one_pivot, 1, mode, 2.0f, alone.data());
+            SCOPED_TRACE(std::string(dtype_name(t)) + " d " + std::to_string(d) + " mode " +
+                         std::to_string(static_cast<int>(mode)) + " run " + std::to_string(r));
+            expect_same_bits(alone, std::vector<float>(all.begin() + b, all.begin() + b + m));
+          }
+        });
+      }
+}
+
 TEST(CpuKernels, GroupBlockLogitsThenPrefixSoftmaxIsTheGroupsSoftmaxOverTheSlots) {
   const std::int64_t T = 40;
   const int d = 32, hq = 6, hkv = 2;
