@@ -52,20 +52,24 @@ class KVMergerCpu final : public BackendMethod {
     // Pivot / heavy-hitter scores: the group's accumulated attention.
     std::vector<float> computed;
     const float* acc = accumulated_attention(in, computed);
-    std::vector<float> score(static_cast<std::size_t>(hkv * T)), cosine(static_cast<std::size_t>(hkv * std::max<std::int64_t>(T - 1, 0)));
-    cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
-      using S = decltype(tag);
-      cpu::adjacent_key_cosine(in.shape, in.k.data<S>(), cosine.data());
-    });
+    std::vector<float> score(static_cast<std::size_t>(hkv * T));
     cpu::group_reduce(acc, hq, hkv, T, to_cpu(c_.gqa), score.data());
 
-    // Heads in parallel, each head's decisions and weights on one thread.
+    // Heads in parallel, each head's cosines, decisions and weights on one
+    // thread: the head's keys (2 MiB in fp16 at T = 8192, d = 128) are read
+    // by the cosines and again by the weights, from L2 when one thread does
+    // both, where a cosine pass over every head first left them in L3.
     std::vector<Plan> plans(heads);
     parallel_heads(hkv, [&](int g) {
       std::vector<std::int64_t> begin, pivot;
-      std::vector<float> w(static_cast<std::size_t>(T));
+      std::vector<float> w(static_cast<std::size_t>(T)), cosine(static_cast<std::size_t>(std::max<std::int64_t>(T - 1, 0)));
+      cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
+        using S = decltype(tag);
+        const cpu::LayerShape one_head{1, 1, d, T};
+        cpu::adjacent_key_cosine(one_head, in.k.data<S>() + static_cast<std::int64_t>(g) * T * d, cosine.data());
+      });
       const float* sc = score.data() + static_cast<std::int64_t>(g) * T;
-      const float* co = cosine.data() + static_cast<std::int64_t>(g) * (T - 1);
+      const float* co = cosine.data();
       // The decisions, shared with the reference (fp32 -> double is exact, so ranks are unchanged).
       const ref::VecX s = Eigen::Map<const Eigen::VectorXf>(sc, T).cast<double>();
       const ref::VecX c = Eigen::Map<const Eigen::VectorXf>(co, std::max<std::int64_t>(T - 1, 0)).cast<double>();
