@@ -8,6 +8,7 @@
 
 #include "kvscope/core/error.hpp"
 #include "kvscope/opt/backend.hpp"
+#include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/registry.hpp"
 #include "kvscope/replay/layer_input.hpp"
 #include "kvscope/verify/harness.hpp"
@@ -49,7 +50,8 @@ TEST_P(BackendProperties, CpuMatchesReference) {
     // backend's alone); what neither refuses must verify without an error.
     const opt::LayerStorage storage = opt::pack_layer(c.meta, 0, c.layer);
     std::string why;
-    const auto opt_error = error_of([&] { backend->prefill(storage, c.budget); }, why);
+    ref::LayerPlans opt_plans;
+    const auto opt_error = error_of([&] { opt_plans = backend->prefill(storage, c.budget); }, why);
     const auto ref_error =
         error_of([&] { reference->prefill(replay::make_layer_input(c.meta, 0, c.layer), c.budget); }, why);
     RC_LOG() << "T=" << c.meta.prompt_len << " d=" << c.meta.head_dim << " heads " << c.meta.q_heads << "/"
@@ -58,6 +60,14 @@ TEST_P(BackendProperties, CpuMatchesReference) {
     if (ref_error) {
       RC_TAG("refused");
       return;
+    }
+    // Every backend plan keeps the method's conservation law to the plan
+    // checker's tolerance, as replay requires of it (kvmerger's fp32 weights
+    // once summed to 1 only to ~1e-7, and replay refused its plans).
+    for (const Plan& p : opt_plans.plans) {
+      const ref::PlanCheck law = ref::check_plan(p, {ref::BudgetLaw::kNone, 0, reference->laws().conservation, {}});
+      RC_LOG() << law.summary() << "\n";
+      RC_ASSERT(law.ok());
     }
     verify::LayerVerdict v;
     RC_ASSERT(!error_of([&] { v = verify::verify_layer(*reference, *backend, c.meta, 0, c.layer, c.budget); }, why));

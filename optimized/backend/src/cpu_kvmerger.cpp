@@ -86,6 +86,9 @@ class KVMergerCpu final : public BackendMethod {
       // rows = the runs, tokens 0..T-1, coef_k = the weights (1 for one-token
       // runs), coef_v = coef_k times the run's size when values are scaled,
       // position = the pivot (a one-token run's own token), count = the size.
+      // The fp32 weights are renormalised in double, so that each row sums to
+      // 1 (and m) to the plan checker's 1e-12, as the reference's do: their
+      // fp32 sum is 1 only to ~1e-7, which failed the merge laws.
       Plan& p = plans[static_cast<std::size_t>(g)];
       p.n = T;
       p.token.resize(static_cast<std::size_t>(T));
@@ -96,9 +99,11 @@ class KVMergerCpu final : public BackendMethod {
       for (std::int64_t r = 0; r < runs; ++r) {
         const std::int64_t b = begin[static_cast<std::size_t>(r)], e = begin[static_cast<std::size_t>(r) + 1];
         const double scale = c_.scaled_values ? static_cast<double>(e - b) : 1.0;
+        double total = 0.0;
+        for (std::int64_t j = b; j < e; ++j) total += static_cast<double>(w[static_cast<std::size_t>(j)]);
         for (std::int64_t j = b; j < e; ++j) {
           const auto u = static_cast<std::size_t>(j);
-          p.coef_k[u] = static_cast<double>(w[u]);
+          p.coef_k[u] = static_cast<double>(w[u]) / total;
           p.coef_v[u] = scale * p.coef_k[u];
         }
         p.count[static_cast<std::size_t>(r)] = e - b;
