@@ -61,14 +61,6 @@ TEST_P(BackendProperties, CpuMatchesReference) {
       RC_TAG("refused");
       return;
     }
-    // Every backend plan keeps the method's conservation law to the plan
-    // checker's tolerance, as replay requires of it (kvmerger's fp32 weights
-    // once summed to 1 only to ~1e-7, and replay refused its plans).
-    for (const Plan& p : opt_plans.plans) {
-      const ref::PlanCheck law = ref::check_plan(p, {ref::BudgetLaw::kNone, 0, reference->laws().conservation, {}});
-      RC_LOG() << law.summary() << "\n";
-      RC_ASSERT(law.ok());
-    }
     verify::LayerVerdict v;
     RC_ASSERT(!error_of([&] { v = verify::verify_layer(*reference, *backend, c.meta, 0, c.layer, c.budget); }, why));
     RC_LOG() << v.failure << "\n";

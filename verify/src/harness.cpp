@@ -8,6 +8,7 @@
 
 #include "kvscope/opt/ragged_cache.hpp"
 #include "kvscope/reference/plan_apply.hpp"
+#include "kvscope/reference/plan_checker.hpp"
 #include "kvscope/reference/scorer.hpp"
 #include "kvscope/replay/layer_input.hpp"
 
@@ -45,6 +46,27 @@ bool same_bits(const opt::StorageBuffer& a, const opt::StorageBuffer& b) {
     if (std::memcmp(&x, &y, sizeof x) != 0) return false;
   }
   return true;
+}
+
+/// The plan checker on every plan of `plans` and the allocation law on its
+/// head budgets, with the laws `method` declares; each violation goes to `fail`.
+template <class Fail>
+void check_laws(const ref::Method& method, const ref::LayerPlans& plans, std::int64_t budget, Fail&& fail) {
+  const ref::Laws& laws = method.laws();
+  if (plans.head_budgets.size() != plans.plans.size()) {
+    fail("backend returned " + std::to_string(plans.head_budgets.size()) + " head budgets for " +
+         std::to_string(plans.plans.size()) + " plans");
+    return;
+  }
+  const ref::PlanCheck allocation = ref::check_allocation(plans.head_budgets, budget, laws.allocation);
+  if (!allocation.ok()) fail("backend head budgets: " + allocation.summary(1));
+  for (std::size_t h = 0; h < plans.plans.size(); ++h) {
+    const Plan& p = plans.plans[h];
+    const std::int64_t b = plans.head_budgets[h];
+    const ref::PlanCheck c =
+        ref::check_plan(p, {laws.prefill_budget, b, laws.conservation, method.protected_tokens(p.n, b)});
+    if (!c.ok()) fail("kv head " + std::to_string(h) + " backend plan: " + c.summary(1));
+  }
 }
 
 }  // namespace
@@ -91,8 +113,12 @@ LayerVerdict verify_layer(const ref::Method& reference, const opt::BackendMethod
                     std::memcmp(one.out.data(), many.out.data(), one.out.size() * sizeof(float)) == 0;
   if (!v.deterministic) fail("results differ between 1 and " + std::to_string(v.threads) + " threads");
 
-  // Selections: the backend's own plans against the reference's.
+  // Laws: the backend's plans and budgets must keep the method's laws, as
+  // replay requires of them (a plan replay would refuse must fail here too).
   if (one.plans.plans.size() != rp.plans.size()) fail("backend returned " + std::to_string(one.plans.plans.size()) + " plans");
+  check_laws(reference, one.plans, budget, fail);
+
+  // Selections: the backend's own plans against the reference's.
   std::vector<char> prot(static_cast<std::size_t>(T), 0);
   if (scores)
     for (std::int64_t j : scores->protected_tokens) prot[static_cast<std::size_t>(j)] = 1;
