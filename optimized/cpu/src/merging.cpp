@@ -79,6 +79,7 @@ void distances_in_registers(const S* kp, const S* k, std::int64_t m, float f1, f
   const __m512 g1 = _mm512_set1_ps(f1), g2 = _mm512_set1_ps(f2);
   __m512 p[kBlocks];
   for (int b = 0; b < kBlocks; ++b) p[b] = detail::load16(kp + 16 * b);
+  detail::AbsRange16 range;
   for (std::int64_t i = 0; i < m; ++i) {
     const S* r = k + i * d;
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -86,10 +87,11 @@ void distances_in_registers(const S* kp, const S* k, std::int64_t m, float f1, f
       __m512 v = _mm512_sub_ps(p[b], detail::load16(r + 16 * b));
       if constexpr (kScaled) v = _mm512_mul_ps(_mm512_mul_ps(v, g1), g2);
       acc[b % 2] = _mm512_fmadd_ps(v, v, acc[b % 2]);
-      if constexpr (kRange) ranges[i % 4].add(detail::low8(v)), ranges[i % 4].add(detail::high8(v));
+      if constexpr (kRange) range.add(v);
     }
     dist2[i] = detail::sum_of_chains(acc[0], acc[1]);
   }
+  if constexpr (kRange) ranges[0].add(range.fold());
 }
 KVSCOPE_AVX512_WARNINGS_ON
 #endif
@@ -101,8 +103,8 @@ KVSCOPE_AVX512_WARNINGS_ON
 /// short chains a row, where one chain of d / 8 FMAs left the two- and
 /// three-token runs that dominate latency-bound. A fixed order, so the same
 /// bits on every run and thread count, and a power-of-two scale commutes with
-/// it. With kRange, also the range of the differences, row i's in
-/// ranges[i % 4].
+/// it. With kRange, also the range of the differences: the union of
+/// ranges[0..3] (the AVX2 loop puts row i's in ranges[i % 4]).
 template <bool kScaled, bool kRange = false, class S>
 void scaled_sq_distances(const S* kp, const S* k, std::int64_t m, int d, float f1, float f2, float* dist2,
                          detail::AbsRange* ranges = nullptr) {

@@ -315,21 +315,15 @@ std::int64_t cosines_in_registers(const S* kh, std::int64_t j, std::int64_t j1, 
     prefetch(reinterpret_cast<const char*>(next) + kPrefetchAhead, d * sizeof(S));
     __m512 b[kBlocks];
     __m512 x[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, y[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m512i hi = _mm512_setzero_si512(), lo_m1 = _mm512_set1_epi32(-1);
+    detail::AbsRange16 range;  // what used_unscaled needs (fp16 rows always are)
     for (int k = 0; k < kBlocks; ++k) {
       b[k] = detail::load16(next + 16 * k);
       x[k % 2] = _mm512_fmadd_ps(a[k], b[k], x[k % 2]);
       y[k % 2] = _mm512_fmadd_ps(b[k], b[k], y[k % 2]);
-      if constexpr (!std::is_same_v<S, f16>) {  // the range used_unscaled needs (AbsRange's, on sixteen lanes)
-        const __m512i m = _mm512_and_si512(_mm512_castps_si512(b[k]), _mm512_set1_epi32(0x7fffffff));
-        hi = _mm512_max_epu32(hi, m);
-        lo_m1 = _mm512_min_epu32(lo_m1, _mm512_sub_epi32(m, _mm512_set1_epi32(1)));
-      }
+      if constexpr (!std::is_same_v<S, f16>) range.add(b[k]);
     }
     if constexpr (!std::is_same_v<S, f16>) {
-      detail::AbsRange r;
-      r.hi = _mm256_max_epu32(_mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1));
-      r.lo_m1 = _mm256_min_epu32(_mm512_castsi512_si256(lo_m1), _mm512_extracti64x4_epi64(lo_m1, 1));
+      const detail::AbsRange r = range.fold();
       if (!used_unscaled<S>(r.high(), r.low())) return j;
     }
     const float nb = detail::sum_of_chains(y[0], y[1]);

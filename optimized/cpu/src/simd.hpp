@@ -152,6 +152,25 @@ inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(r
 inline __m256 low8(__m512 v) { return _mm512_castps512_ps256(v); }
 inline __m256 high8(__m512 v) { return _mm512_extractf32x8_ps(v, 1); }
 
+/// AbsRange on sixteen lanes, for the zmm loops: no extract per add;
+/// fold() is the AbsRange of everything added (the same two numbers).
+struct AbsRange16 {
+  __m512i hi = _mm512_setzero_si512();
+  __m512i lo_m1 = _mm512_set1_epi32(-1);
+
+  void add(__m512 x) {
+    const __m512i b = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+    hi = _mm512_max_epu32(hi, b);
+    lo_m1 = _mm512_min_epu32(lo_m1, _mm512_sub_epi32(b, _mm512_set1_epi32(1)));
+  }
+  AbsRange fold() const {
+    AbsRange r;
+    r.hi = _mm256_max_epu32(_mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1));
+    r.lo_m1 = _mm256_min_epu32(_mm512_castsi512_si256(lo_m1), _mm512_extracti64x4_epi64(lo_m1, 1));
+    return r;
+  }
+};
+
 /// The sum of four eight-lane chains held in two zmm, v01 = [x0 | x1] and
 /// v23 = [x2 | x3]: hsum((x0 + x1) + (x2 + x3)), as the AVX2 loops that
 /// keep x0..x3 in four ymm sum them (fused_dots, the Gaussian distances).
