@@ -130,7 +130,7 @@ struct AbsRange {
   }
 };
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)  // DQ: the 256-bit extracts
 #define KVSCOPE_CPU_AVX512 1
 // Around code that calls AVX-512 conversions, shuffles or extracts: GCC 12's
 // start from _mm512_undefined_*(), which -Wuninitialized flags once inlined.
