@@ -117,6 +117,19 @@ std::vector<std::int64_t> index_range(std::int64_t begin, std::int64_t end) {
 }
 
 std::vector<std::int64_t> complement(std::int64_t n, std::span<const std::int64_t> excluded) {
+  // Sorted excluded tokens (sinks and windows, the usual case): the gaps
+  // between them, each filled in order without a mask.
+  if (std::is_sorted(excluded.begin(), excluded.end())) {
+    std::vector<std::int64_t> rest(static_cast<std::size_t>(n));
+    std::int64_t m = 0, from = 0;
+    for (std::int64_t x : excluded) {
+      for (std::int64_t j = from; j < x; ++j) rest[static_cast<std::size_t>(m++)] = j;
+      from = std::max(from, x + 1);
+    }
+    for (std::int64_t j = from; j < n; ++j) rest[static_cast<std::size_t>(m++)] = j;
+    rest.resize(static_cast<std::size_t>(m));
+    return rest;
+  }
   std::vector<char> out_of(static_cast<std::size_t>(n), 0);
   for (std::int64_t j : excluded) out_of[static_cast<std::size_t>(j)] = 1;
   std::vector<std::int64_t> rest;
@@ -129,6 +142,15 @@ std::vector<std::int64_t> complement(std::int64_t n, std::span<const std::int64_
 std::vector<std::int64_t> merge_sorted(std::span<const std::int64_t> a, std::span<const std::int64_t> b) {
   std::vector<std::int64_t> out;
   out.reserve(a.size() + b.size());
+  // One list wholly after the other (a window after the kept, sinks before
+  // them: the usual case) is a concatenation, copied in bulk.
+  if (a.empty() || b.empty() || a.back() < b.front() || b.back() < a.front()) {
+    const bool a_first = b.empty() || (!a.empty() && a.back() < b.front());
+    const auto first = a_first ? a : b, second = a_first ? b : a;
+    out.insert(out.end(), first.begin(), first.end());
+    out.insert(out.end(), second.begin(), second.end());
+    return out;
+  }
   std::set_union(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(out));
   return out;
 }

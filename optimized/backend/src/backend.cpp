@@ -75,11 +75,9 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
       }
       if (bad_budget(h)) continue;
       const float* s = scores.head(h);
-      // NaN among the candidates is an error; a vectorised count over the
+      // NaN among the candidates is an error; a vectorised check of the
       // whole row first spares the indexed search when there is none.
-      std::int64_t nans = 0;
-      for (std::int64_t j = 0; j < T; ++j) nans += std::isnan(s[j]) ? 1 : 0;
-      const auto nan = nans == 0 ? candidates.end()
+      const auto nan = !cpu::any_nan(s, T) ? candidates.end()
                                  : std::find_if(candidates.begin(), candidates.end(), [s](std::int64_t j) { return std::isnan(s[j]); });
       if (nan != candidates.end()) {
         nan_at[static_cast<std::size_t>(h)] = *nan;

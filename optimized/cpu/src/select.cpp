@@ -4,6 +4,7 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 
 #include "instantiate.hpp"
@@ -87,6 +88,39 @@ bool increasing_in_key(std::span<const std::int64_t> c) {
   return steps_down == 0;
 }
 
+/// Appends to `out` the candidates [j0, j1) whose key is below t (kInclusive:
+/// at most t), in order; returns how many. Branch-free: about half are kept,
+/// in no predictable pattern. Under AVX-512, sixteen keys a step, each half's
+/// kept candidates packed by one compress and stored whole: `out` needs room
+/// for eight past the last kept.
+template <bool kInclusive>
+std::size_t compact_below(const std::uint32_t* keys, const std::int64_t* candidates, std::size_t j0,
+                          std::size_t j1, std::uint32_t t, std::int64_t* out) {
+  std::size_t m = 0, j = j0;
+#if KVSCOPE_CPU_AVX512
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  for (; j + 16 <= j1; j += 16) {
+    const __m512i k = _mm512_loadu_si512(keys + j);
+    const __mmask16 keep = kInclusive ? _mm512_cmple_epu32_mask(k, vt) : _mm512_cmplt_epu32_mask(k, vt);
+    const auto lo = static_cast<__mmask8>(keep), hi = static_cast<__mmask8>(keep >> 8);
+    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi64(lo, _mm512_loadu_si512(candidates + j)));
+    m += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(lo)));
+    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi64(hi, _mm512_loadu_si512(candidates + j + 8)));
+    m += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(hi)));
+  }
+#endif
+  for (; j < j1; ++j) {
+    out[m] = candidates[j];
+    // key <= t as the borrow of t - key: written as a compare, GCC merged it
+    // with the loop into an unpredictable branch.
+    if constexpr (kInclusive)
+      m += static_cast<std::size_t>(((std::uint64_t{t} - keys[j]) >> 63) ^ 1u);
+    else
+      m += keys[j] < t ? 1 : 0;
+  }
+  return m;
+}
+
 /// top_k for increasing candidates, 0 < kk < n, n >= kRadixMin, on 32-bit
 /// score keys in candidate order. The kk smallest (key, position) pairs are
 /// every key below the kk-th smallest key t, and the first keys equal to t in
@@ -96,7 +130,7 @@ bool increasing_in_key(std::span<const std::int64_t> c) {
 void top_k_increasing(const float* scores, std::span<const std::int64_t> candidates, std::size_t kk,
                       std::vector<std::int64_t>& kept) {
   const std::size_t n = candidates.size();
-  std::vector<std::uint32_t> keys(n);
+  const std::unique_ptr<std::uint32_t[]> keys(new std::uint32_t[n]);  // every key written first: no zeroing
   std::uint32_t lo = UINT32_MAX, hi = 0;
   const std::int64_t first = candidates.front();
   if (candidates.back() - first == static_cast<std::int64_t>(n) - 1) {  // a range: no gather
@@ -144,25 +178,39 @@ void top_k_increasing(const float* scores, std::span<const std::int64_t> candida
   std::size_t less = below;
   for (std::uint32_t key : in_b) less += key < t ? 1 : 0;
   const std::size_t ties = kk - less;  // keys equal to t to take, the first in candidate order
-  // Branch-free on the key (about half are kept, in no predictable pattern):
-  // key <= t until the last tie taken, then key < t.
-  kept.resize(kk + 1);
-  std::size_t m = 0, j = 0, seen = 0;
-  for (; j < n && seen < ties; ++j) {
-    kept[m] = candidates[j];
-    // key <= t as the borrow of t - key: written as a compare, GCC merged it
-    // with the tie count into an unpredictable branch.
-    m += static_cast<std::size_t>(((std::uint64_t{t} - keys[j]) >> 63) ^ 1u);
-    seen += keys[j] == t ? 1 : 0;
+  // Kept: key <= t up to the last tie taken (`split`, one past it), key < t after.
+  // Blocks of sixteen are counted at once (vectorised) until one holds it.
+  std::size_t split = 0, seen = 0;
+  for (; split + 16 <= n; split += 16) {
+    std::size_t c = 0;
+    for (std::size_t j = split; j < split + 16; ++j) c += keys[j] == t ? 1 : 0;
+    if (seen + c >= ties) break;
+    seen += c;
   }
-  for (; j < n; ++j) {
-    kept[m] = candidates[j];
-    m += keys[j] < t ? 1 : 0;
-  }
+  for (; seen < ties; ++split) seen += keys[split] == t ? 1 : 0;
+  kept.resize(kk + 8);  // compact_below's room
+  const std::size_t m = compact_below<true>(keys.get(), candidates.data(), 0, split, t, kept.data());
+  compact_below<false>(keys.get(), candidates.data(), split, n, t, kept.data() + m);
   kept.resize(kk);
 }
 
 }  // namespace
+
+bool any_nan(const float* x, std::int64_t n) {
+  std::int64_t j = 0;
+  bool nan = false;
+#if KVSCOPE_CPU_AVX2
+  // GCC leaves the scalar loop unvectorised: the unordered compares by hand.
+  __m256 any = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    any = _mm256_or_ps(any, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  nan = _mm256_movemask_ps(any) != 0;
+#endif
+  for (; j < n; ++j) nan |= std::isnan(x[j]);
+  return nan;
+}
 
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
            std::vector<std::int64_t>& kept) {

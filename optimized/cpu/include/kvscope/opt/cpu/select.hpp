@@ -18,6 +18,10 @@ namespace kvscope::opt::cpu {
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
            std::vector<std::int64_t>& kept);
 
+/// Whether any of x[0..n) is NaN (top_k's precondition, checked a row at a
+/// time before the indexed search for the first NaN candidate).
+bool any_nan(const float* x, std::int64_t n);
+
 /// cos(k_j, k_{j+1}) of every adjacent key pair of each kv head (math::cosine on
 /// keys scaled by a power of two each, so tiny keys keep their direction): out [kv_heads, T - 1].
 template <class S>
