@@ -172,13 +172,15 @@ TEST(CpuKernels, KeyNormsAndAdjacentCosines) {
   }
 }
 
-// key_norm_scores takes rows eight at a time (eight FMA chains, one hsum8) and
-// the rest one by one: a row's norm must not depend on which path it takes.
-// Each row of a 21-row head (two blocks of eight, then five) is compared with
-// the same row scored alone (always the one-row path). A zero row scores -0.
+// key_norm_scores takes rows eight at a time (d % 32 == 0: four chains a row,
+// in zmm under AVX-512; other multiples of eight: eight FMA chains, one
+// hsum8) and the rest one by one: a row's norm must not depend on which path
+// it takes. Each row of a 21-row head (two blocks of eight, then five) is
+// compared with the same row scored alone (always the one-row path). A zero
+// row scores -0.
 TEST(CpuKernels, KeyNormsOfBlockedRowsAreTheSameBitsAsOfRowsAlone) {
   const std::int64_t T = 21;
-  for (int d : {16, 128, 12})
+  for (int d : {16, 32, 128, 12})
     for (DType t : kDtypes) {
       Heads k = random_heads(1, T, d, t, 61);
       for (int c = 0; c < d; ++c) k.tensor.row(0, 4)[static_cast<std::size_t>(c)] = 0.0f;

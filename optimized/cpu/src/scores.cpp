@@ -198,12 +198,28 @@ void key_norm_scores(const LayerShape& s, const S* k, float* out) {
       std::int64_t r = r0;
       const std::int64_t end = std::min(rows, r0 + 8);
 #if KVSCOPE_CPU_AVX2
-      // Eight rows at once, converted in registers: eight independent FMA
-      // chains, each dot8's chain of its row, and one hsum8 (hsum's pairings),
-      // so every norm has dot8's bits. A row at a time was one dependent chain
-      // of d / 8 FMAs per row: ~70 cycles a row, latency-bound rather than
-      // held by memory (docs/performance.md, run 13).
-      if (d % 8 == 0 && end - r0 == 8) {
+      // d % 32 == 0 (every model's d): fused_dots' four chains a row, eight
+      // rows at once in zmm under AVX-512, and one row at a time otherwise
+      // (four chains are enough to hide the FMA latency).
+      if (d % 32 == 0) {
+#if KVSCOPE_CPU_AVX512
+        for (; end - r >= 8; r += 8) {
+          prefetch(reinterpret_cast<const char*>(k + r * d) + kPrefetchAhead, 8 * d * sizeof(S));
+          const __m256 n2 = detail::sq_norms4_x8(k + r * d, d);
+          _mm256_storeu_ps(out + r, _mm256_xor_ps(_mm256_set1_ps(-0.0f), _mm256_sqrt_ps(n2)));
+        }
+#endif
+        for (; r < end; ++r) {
+          prefetch(reinterpret_cast<const char*>(k + r * d) + kPrefetchAhead, d * sizeof(S));
+          out[r] = -std::sqrt(detail::sq_norm4(k + r * d, d));
+        }
+      } else if (d % 8 == 0 && end - r0 == 8) {
+        // Other multiples of eight: eight rows at once, converted in
+        // registers: eight independent FMA chains, each dot8's chain of its
+        // row, and one hsum8 (hsum's pairings), so every norm has dot8's bits.
+        // A row at a time was one dependent chain of d / 8 FMAs per row: ~70
+        // cycles a row, latency-bound rather than held by memory
+        // (docs/performance.md, run 13).
         const S* kr = k + r0 * d;
         prefetch(reinterpret_cast<const char*>(kr) + kPrefetchAhead, 8 * d * sizeof(S));
         __m256 acc[8];

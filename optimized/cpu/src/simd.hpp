@@ -61,6 +61,20 @@ inline __m256 load8(const f16* p) {
 #endif
 }
 
+/// |row|^2 for d % 32 == 0 in fused_dots' order: block j of eight values to
+/// chain j % 4, the chains summed (x0 + x1) + (x2 + x3), then hsum. Four
+/// short chains where dot8 has one of d / 8 FMAs.
+template <class S>
+inline float sq_norm4(const S* row, int d) {
+  __m256 x[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int c = 0; c < d; c += 32)
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = load8(row + c + 8 * u);
+      x[u] = _mm256_fmadd_ps(v, v, x[u]);
+    }
+  return hsum(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
+}
+
 /// logits[4, 2] (stride ld) of four query rows (Q, row stride d) against keys
 /// ka and kb, read from storage and converted in registers: eight FMA chains,
 /// each equal to dot8's, summed by one hsum8. The few-rows Q.K^T tile of
@@ -176,6 +190,25 @@ struct AbsRange16 {
 /// keep x0..x3 in four ymm sum them (fused_dots, the Gaussian distances).
 inline float sum_of_chains(__m512 v01, __m512 v23) {
   return hsum(_mm256_add_ps(_mm256_add_ps(low8(v01), high8(v01)), _mm256_add_ps(low8(v23), high8(v23))));
+}
+
+/// sq_norm4 of eight consecutive rows (d % 32 == 0), the same bits: sixteen
+/// lanes hold two of its chains ([x0 | x1], [x2 | x3]), so each value is
+/// converted and squared by one zmm instruction, and one hsum8 ends all eight.
+template <class S>
+inline __m256 sq_norms4_x8(const S* rows, int d) {
+  __m512 acc[8][2];
+  for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
+  for (int c = 0; c < d; c += 16)
+    for (int u = 0; u < 8; ++u) {
+      const __m512 v = load16(rows + u * d + c);
+      acc[u][(c / 16) % 2] = _mm512_fmadd_ps(v, v, acc[u][(c / 16) % 2]);
+    }
+  __m256 r[8];
+  for (int u = 0; u < 8; ++u)
+    r[u] = _mm256_add_ps(_mm256_add_ps(low8(acc[u][0]), high8(acc[u][0])),
+                         _mm256_add_ps(low8(acc[u][1]), high8(acc[u][1])));
+  return hsum8(r);
 }
 KVSCOPE_AVX512_WARNINGS_ON
 #endif
