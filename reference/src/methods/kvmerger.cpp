@@ -1,6 +1,7 @@
 #include "kvscope/reference/methods/kvmerger.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <span>
@@ -127,24 +128,28 @@ KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t
     if (prot[static_cast<std::size_t>(j)]) out.protected_tokens.push_back(j);
 
   // (b) Merge edges between adjacent unprotected tokens (Algorithm 1's chaining rule).
-  std::vector<std::int64_t> eligible;
-  for (std::int64_t j = 0; j + 1 < T; ++j) {
-    if (prot[static_cast<std::size_t>(j)] || prot[static_cast<std::size_t>(j + 1)]) continue;
-    eligible.push_back(j);
-  }
+  // One pass over the edges; whether a cosine clears eps is unpredictable,
+  // so it is counted rather than branched on.
   std::vector<char>& merge = out.merge;
   merge.assign(static_cast<std::size_t>(std::max<std::int64_t>(T - 1, 0)), 0);
-  std::int64_t merged = 0;
-  std::vector<std::int64_t> rest;
-  for (std::int64_t j : eligible) {
-    if (c.mode != KVMergerConfig::Mode::kBudget) out.margin = std::min(out.margin, std::abs(cosine[j] - c.eps));
-    if (c.mode != KVMergerConfig::Mode::kBudget && cosine[j] > c.eps) {
-      merge[static_cast<std::size_t>(j)] = 1;
-      ++merged;
-    } else {
-      rest.push_back(j);
-    }
+  const bool by_threshold = c.mode != KVMergerConfig::Mode::kBudget;
+  std::int64_t merged = 0, eligible = 0, n_rest = 0;
+  std::vector<std::int64_t> rest(merge.size());  // eligible edges the threshold left
+  std::array<double, 4> near;  // min |cosine - eps|, four interleaved chains (min is exact in any order)
+  near.fill(std::numeric_limits<double>::infinity());
+  for (std::int64_t j = 0; j + 1 < T; ++j) {
+    if (prot[static_cast<std::size_t>(j)] || prot[static_cast<std::size_t>(j + 1)]) continue;
+    ++eligible;
+    const bool take = by_threshold && cosine[j] > c.eps;
+    double& chain = near[static_cast<std::size_t>(j % 4)];
+    if (by_threshold) chain = std::min(chain, std::abs(cosine[j] - c.eps));
+    merge[static_cast<std::size_t>(j)] = take ? 1 : 0;
+    merged += take ? 1 : 0;
+    rest[static_cast<std::size_t>(n_rest)] = j;
+    n_rest += take ? 0 : 1;
   }
+  rest.resize(static_cast<std::size_t>(n_rest));
+  for (double m : near) out.margin = std::min(out.margin, m);
   if (c.mode != KVMergerConfig::Mode::kThreshold && T - merged > budget) {
     // Budget/capped: the highest-cosine remaining edges (lower index on ties)
     // until exactly T - B edges are merged: a contiguity-constrained
@@ -154,7 +159,7 @@ KVMergerEdges kvmerger_edges(const VecX& cosine, const VecX& score, std::int64_t
     if (static_cast<std::int64_t>(rest.size()) < need)
       throw Error(ErrorKind::kImpossibleBudget,
                   "kvmerger: budget " + std::to_string(budget) + " needs " + std::to_string(T - budget) +
-                      " merges of " + std::to_string(T) + " tokens, but only " + std::to_string(eligible.size()) +
+                      " merges of " + std::to_string(T) + " tokens, but only " + std::to_string(eligible) +
                       " adjacent pairs are unprotected (" + std::to_string(r) + " recent + " +
                       std::to_string(heavy.kept.size()) + " heavy tokens protected)");
     const Selection taken = select(cosine, rest, need);
