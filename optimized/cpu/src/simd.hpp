@@ -197,12 +197,13 @@ inline float sum_of_chains(__m512 v01, __m512 v23) {
 /// converted and squared by one zmm instruction, and one hsum8 ends all eight.
 template <class S>
 inline __m256 sq_norms4_x8(const S* rows, int d) {
-  __m512 acc[8][2];
+  __m512 acc[8][2];  // sixteen zmm: indexed by constants only, so they stay in registers
   for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
-  for (int c = 0; c < d; c += 16)
+  for (int c = 0; c < d; c += 32)
     for (int u = 0; u < 8; ++u) {
-      const __m512 v = load16(rows + u * d + c);
-      acc[u][(c / 16) % 2] = _mm512_fmadd_ps(v, v, acc[u][(c / 16) % 2]);
+      const __m512 v01 = load16(rows + u * d + c), v23 = load16(rows + u * d + c + 16);
+      acc[u][0] = _mm512_fmadd_ps(v01, v01, acc[u][0]);
+      acc[u][1] = _mm512_fmadd_ps(v23, v23, acc[u][1]);
     }
   __m256 r[8];
   for (int u = 0; u < 8; ++u)
