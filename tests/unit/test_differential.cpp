@@ -61,6 +61,29 @@ TEST(CompareNumbers, NaNNeverPassesAndTolerancesBite) {
   EXPECT_FALSE(verify::compare_numbers(ref, std::vector<float>{1.0f, 2.0f, 3.002f}, naive, tol).pass);
 }
 
+// A tensor the storage dtype cannot hold (fp16 flushes 6e-13 to zero): the
+// reference rounded to it is off by 100%, so no fp16 cache can meet the
+// dtype's tolerance; it is held to k * naive + floor and the naive cosine
+// alone. A random weightedkv case (T 2, d 2, values near 1e-38) found this.
+// Output far from the reference still fails, and a representable tensor is
+// still held to the tolerance.
+TEST(CompareNumbers, TensorsBelowTheDtypesRangeAreHeldToTheNaiveBound) {
+  const Tolerance tol = tolerance(DType::kF16);
+  const std::vector<double> tiny = {6.13e-13, 6.13e-13}, flushed = {0.0, 0.0};
+  const verify::NumberDiff zero = verify::compare_numbers(tiny, std::vector<float>{0.0f, 0.0f}, flushed, tol);
+  EXPECT_TRUE(zero.pass) << zero.why;
+  EXPECT_EQ(zero.naive_rel_l2, 1.0);
+  EXPECT_FALSE(verify::compare_numbers(tiny, std::vector<float>{1e-9f, 0.0f}, flushed, tol).pass);
+  EXPECT_FALSE(verify::compare_numbers(tiny, std::vector<float>{-6e-13f, -6e-13f}, flushed, tol).pass);
+  // Representable (naive off by 8.0e-4, within fp16's 1e-3): off by 1.3e-3
+  // is within k * naive + floor (1.6e-3) but over the tolerance, and fails.
+  const std::vector<double> ref = {1.0, 2.0}, naive = {1.0, 2.0 + 1.79e-3};
+  const verify::NumberDiff coarse = verify::compare_numbers(ref, std::vector<float>{1.0f, 2.0f + 2.9e-3f}, naive, tol);
+  EXPECT_LT(coarse.naive_rel_l2, tol.rel_l2);
+  EXPECT_LT(coarse.rel_l2, coarse.bound);
+  EXPECT_FALSE(coarse.pass) << coarse.rel_l2;
+}
+
 /// A backend that keeps the reference-worst candidate instead of the best one: a real bug.
 class Sabotaged final : public opt::BackendMethod {
  public:
