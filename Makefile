@@ -3,6 +3,7 @@
 #   make demo   replay Full and StreamingLLM over the bundled sample trace
 #   make test   build everything and run the whole test suite
 #   make test-sanitize   the same suite under ASan + UBSan (build-asan/, CUDA off)
+#   make test-seeds   the unit and property suites under SEED_RUNS fresh random seeds
 #   make fuzz   libFuzzer targets (clang, build-fuzz/), each for FUZZ_SECONDS
 #   make bench  the CPU benchmark suite (bench/, docs/performance.md)
 BUILD ?= build
@@ -14,7 +15,7 @@ ifneq ($(NVCC),)
 CMAKE_FLAGS += -DCMAKE_CUDA_COMPILER=$(NVCC)
 endif
 
-.PHONY: deps python-env configure build demo test test-sanitize fuzz sample clean bench
+.PHONY: deps python-env configure build demo test test-sanitize test-seeds fuzz sample clean bench
 
 deps:
 	@scripts/install-deps
@@ -53,6 +54,23 @@ test-sanitize: deps python-env
 	  "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined"
 	cmake --build $(ASAN_BUILD) -j$(JOBS)
 	cd $(ASAN_BUILD) && $(SANITIZE_ENV) ctest --output-on-failure -j$(JOBS) $(SANITIZE_CTEST_ARGS)
+
+# The unit and property suites under fresh random RapidCheck seeds, each
+# printed first: ctest runs them under one fixed seed (tests/CMakeLists.txt),
+# and other seeds reach other cases (one found a false failure the fixed seed
+# never drew). Each binary runs in its build directory, as under ctest. Stops
+# at the first failure, whose command (printed) reproduces it.
+SEED_RUNS ?= 3
+test-seeds: build
+	@for i in $$(seq $(SEED_RUNS)); do \
+	  seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
+	  for t in $(abspath $(BUILD))/tests/unit/test_* $(abspath $(BUILD))/tests/property/test_*; do \
+	    [ -f "$$t" ] && [ -x "$$t" ] || continue; \
+	    echo "== cd $$(dirname $$t) && RC_PARAMS=seed=$$seed ./$$(basename $$t)"; \
+	    (cd "$$(dirname $$t)" && RC_PARAMS="seed=$$seed" "./$$(basename $$t)" --gtest_brief=1) \
+	      >$(BUILD)/test-seeds.log 2>&1 || { cat $(BUILD)/test-seeds.log; exit 1; }; \
+	  done; \
+	done; echo "test-seeds: $(SEED_RUNS) seeds passed"
 
 # CPU benchmark suite (bench/, docs/performance.md): Google Benchmark, about
 # 8 minutes on 2 cores. Not a test. Results also go to $(BENCH_OUT) (JSON);
