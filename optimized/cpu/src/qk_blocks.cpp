@@ -229,8 +229,19 @@ float max_of(const float* x, std::int64_t n) {
   float m[kWide];
   std::fill(m, m + kWide, -INFINITY);
   std::int64_t i = 0;
+#if defined(__AVX2__)
+  // By hand: GCC compiled the loop below to scalar compares and branches.
+  // max_ps(x, m) is std::max(m, x) lane by lane: m unless x > m (so m when x
+  // is NaN, and m on equal values, -0 and +0 included).
+  __m256 v[4];
+  for (auto& a : v) a = _mm256_set1_ps(-INFINITY);
+  for (; i + kWide <= n; i += kWide)
+    for (int u = 0; u < 4; ++u) v[u] = _mm256_max_ps(_mm256_loadu_ps(x + i + u * kLanes), v[u]);
+  for (int u = 0; u < 4; ++u) _mm256_storeu_ps(m + u * kLanes, v[u]);
+#else
   for (; i + kWide <= n; i += kWide)
     for (int l = 0; l < kWide; ++l) m[l] = std::max(m[l], x[i + l]);
+#endif
   for (; i < n; ++i) m[0] = std::max(m[0], x[i]);
   return *std::max_element(m, m + kWide);
 }

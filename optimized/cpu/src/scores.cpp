@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include <omp.h>
+
 #include "qk_blocks.hpp"
 #include "simd.hpp"
 #include "instantiate.hpp"
@@ -21,8 +23,10 @@ namespace {
 
 /// Prefill queries per block of accumulated_attention.
 constexpr std::int64_t kQueryBlock = 64;
-/// Logits (floats) window_scores keeps at once: 8 MiB, well inside the L3.
-constexpr std::int64_t kLogitFloats = std::int64_t{2} << 20;
+/// Logits (floats) of window_scores' passes per thread: 1 MiB, which stays in
+/// the thread's L2 between the product, the softmax and the reduction (the
+/// whole layer's 8 MiB at once went through the L3 three times).
+constexpr std::int64_t kThreadLogitFloats = std::int64_t{1} << 18;
 /// Window queries per group up to which window_scores streams the keys past
 /// the queries (each key converted once, in registers or L1) instead of
 /// converting and transposing key blocks for gemm_qkt's register tile: with so
@@ -91,14 +95,23 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
   }
   const std::int64_t R = G * w;  // every window query of a group
   const std::int64_t blocks = (T + kKeyBlock - 1) / kKeyBlock;
-  // kv heads per pass: as many as keep their logits within kLogitFloats (in
-  // cache), so small windows (TOVA's one query) share one parallel region.
-  const int heads = static_cast<int>(std::clamp<std::int64_t>(kLogitFloats / std::max<std::int64_t>(1, R * T), 1, s.kv_heads));
+  // kv heads per pass: a whole number per thread, as many as keep each
+  // thread's logits within kThreadLogitFloats, so small windows (TOVA's one
+  // query) share one parallel region. The static schedules below then give
+  // each thread the same heads in all three loops: it reads back only the
+  // logits it wrote, from its own cache. (Which heads share a pass changes no
+  // value: each head's rows are computed alone.)
+  const std::int64_t per_thread = std::max<std::int64_t>(1, kThreadLogitFloats / std::max<std::int64_t>(1, R * T));
+  const int heads = static_cast<int>(std::clamp<std::int64_t>(per_thread * omp_get_max_threads(), 1, s.kv_heads));
   // Every logit a row reads is written first (the product covers every key):
   // the caller's thread keeps the buffer, so a call per layer neither zeroes
   // nor faults in megabytes again.
   float* logits = detail::thread_scratch(static_cast<std::size_t>(heads * R * T));
   std::vector<float> Q(static_cast<std::size_t>(heads * R * d)), inv(static_cast<std::size_t>(heads * R));  // 1 / each row's exp sum
+  // Each row's max over each key block, taken while the block is in L1: the
+  // softmax then needs no pass of its own for the row max (max is exact, so
+  // the same value as one pass over the row).
+  std::vector<float> block_max(static_cast<std::size_t>(heads * R * blocks));
   // Row r of a group = (q head r / w, token T - w + r % w), which sees keys 0..t.
   const auto last_key = [&](std::int64_t r) { return T - w + r % w; };
   for (int g0 = 0; g0 < s.kv_heads; g0 += heads) {
@@ -120,11 +133,18 @@ void window_scores(const LayerShape& s, const S* q, const S* k, std::int64_t win
         } else {
           gemm_qkt(Qg, R, kj, n, d, lg, T);
         }
+        for (std::int64_t r = 0; r < R; ++r)  // keys past the row's last are not its to see (-inf: none)
+          block_max[static_cast<std::size_t>((gh * R + r) * blocks + j0 / kKeyBlock)] =
+              detail::max_of(lg + r * T, std::min(n, last_key(r) + 1 - j0));
       }
       // Each row's exps; its normalisation is folded into the reduction below.
 #pragma omp for schedule(static)
-      for (std::int64_t r = 0; r < nh * R; ++r)
-        inv[static_cast<std::size_t>(r)] = detail::softmax_unnormalised(&logits[static_cast<std::size_t>(r * T)], last_key(r % R) + 1);
+      for (std::int64_t r = 0; r < nh * R; ++r) {
+        const float* bm = &block_max[static_cast<std::size_t>(r * blocks)];
+        const float m = *std::max_element(bm, bm + blocks);
+        inv[static_cast<std::size_t>(r)] =
+            1.0f / detail::exp_shifted_sum(&logits[static_cast<std::size_t>(r * T)], last_key(r % R) + 1, m);
+      }
       // Reduce each q head's w rows column block by column block, rows in order.
 #pragma omp for schedule(static)
       for (std::int64_t item = 0; item < nh * G * blocks; ++item) {
