@@ -24,14 +24,23 @@ cpu::SigmaMode sigma_of(ref::KVMergerConfig::Sigma s) {
                                                      : cpu::SigmaMode::kMeanDistance;
 }
 
-/// ref::top_k's selection by the CPU kernel. The scores came from fp32, so the
-/// narrowing is exact; a NaN goes to ref::top_k, which raises its error.
-ref::Selection cpu_top_k(const ref::VecX& scores, std::span<const std::int64_t> candidates, std::int64_t k) {
-  for (std::int64_t j : candidates)
-    if (std::isnan(scores[j])) return ref::top_k(scores, candidates, k);
-  const Eigen::VectorXf s = scores.cast<float>();
+/// ref::top_k's selection by the CPU kernel, on `fp32`: the fp32 numbers
+/// `scores` was widened from (exactly, so the ranks are the same), or null to
+/// narrow them here. A NaN among the candidates goes to ref::top_k, which
+/// raises its error; a vectorised check of the whole row first spares the
+/// indexed search when there is none.
+ref::Selection cpu_top_k(const ref::VecX& scores, const float* fp32, std::span<const std::int64_t> candidates,
+                         std::int64_t k) {
+  Eigen::VectorXf narrowed;
+  if (!fp32) {
+    narrowed = scores.cast<float>();
+    fp32 = narrowed.data();
+  }
+  if (cpu::any_nan(fp32, scores.size()))
+    for (std::int64_t j : candidates)
+      if (std::isnan(fp32[j])) return ref::top_k(scores, candidates, k);
   ref::Selection out;
-  cpu::top_k(s.data(), candidates, k, out.kept);
+  cpu::top_k(fp32, candidates, k, out.kept);
   return out;
 }
 
@@ -73,13 +82,19 @@ class KVMergerCpu final : public BackendMethod {
       // The decisions, shared with the reference (fp32 -> double is exact, so ranks are unchanged).
       const ref::VecX s = Eigen::Map<const Eigen::VectorXf>(sc, T).cast<double>();
       const ref::VecX c = Eigen::Map<const Eigen::VectorXf>(co, std::max<std::int64_t>(T - 1, 0)).cast<double>();
-      const ref::KVMergerEdges edges = ref::kvmerger_edges(c, s, budget, c_, cpu_top_k);
+      // The decisions select on s (heavy hitters) and c (budget mode): the
+      // kernel takes the fp32 arrays they were widened from.
+      const auto select = [&](const ref::VecX& v, std::span<const std::int64_t> candidates, std::int64_t k) {
+        return cpu_top_k(v, &v == &s ? sc : &v == &c ? co : nullptr, candidates, k);
+      };
+      const ref::KVMergerEdges edges = ref::kvmerger_edges(c, s, budget, c_, select);
       cpu::merge_runs(T, edges.merge.data(), sc, begin, pivot);
       const auto runs = static_cast<std::int64_t>(pivot.size());
       cpu::dispatch_storage(in.k.dtype(), [&](auto tag) {
         using S = decltype(tag);
         cpu::gaussian_merge_weights(in.k.data<S>() + static_cast<std::int64_t>(g) * T * d, T, d, begin.data(),
-                                    pivot.data(), runs, sigma_of(c_.sigma_mode), static_cast<float>(c_.sigma), w.data());
+                                    pivot.data(), runs, sigma_of(c_.sigma_mode), static_cast<float>(c_.sigma), w.data(),
+                                    /*keys_cached=*/true);
       });
       // Every token is in exactly one run and the runs are in order, so the
       // plan is filled in bulk (ref::kvmerger_head_plan's slots, one per run):

@@ -186,7 +186,8 @@ void merge_runs(std::int64_t tokens, const char* merge, const float* score, std:
 
 template <class S>
 void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, const std::int64_t* begin,
-                            const std::int64_t* pivot, std::int64_t runs, SigmaMode mode, float sigma, float* w) {
+                            const std::int64_t* pivot, std::int64_t runs, SigmaMode mode, float sigma, float* w,
+                            bool keys_cached) {
   const int d = head_dim;
   constexpr float kSqrt2 = 1.41421356237309515f;
 #pragma omp parallel
@@ -197,8 +198,10 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
     for (std::int64_t s = 0; s < runs; ++s) {
       const std::int64_t b = begin[s], e = begin[s + 1], m = e - b;
       // The stream of key rows kPrefetchAhead ahead, hinted for every run
-      // (one-token runs too, whose rows are not read), so no run starts cold.
-      prefetch(reinterpret_cast<const char*>(k_head + b * d) + kPrefetchAhead, static_cast<std::size_t>(m * d) * sizeof(S));
+      // (one-token runs too, whose rows are not read), so no run starts cold,
+      // unless they are in cache already.
+      if (!keys_cached)
+        prefetch(reinterpret_cast<const char*>(k_head + b * d) + kPrefetchAhead, static_cast<std::size_t>(m * d) * sizeof(S));
       if (m == 1) {
         w[b] = 1.0f;
         continue;
@@ -297,7 +300,7 @@ void group_prefix_softmax(float* rows, std::int64_t head_stride, int group, std:
 
 #define KVSCOPE_MERGING(S)                                                                                       \
   template void gaussian_merge_weights<S>(const S*, std::int64_t, int, const std::int64_t*, const std::int64_t*, \
-                                          std::int64_t, SigmaMode, float, float*);                               \
+                                          std::int64_t, SigmaMode, float, float*, bool);                         \
   template void group_block_logits<S>(const LayerShape&, const S*, const S*, const std::int64_t*, std::int64_t, int, \
                                       std::int64_t, std::int64_t, float*);
 KVSCOPE_CPU_INSTANTIATE(KVSCOPE_MERGING)
