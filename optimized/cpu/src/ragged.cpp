@@ -162,7 +162,7 @@ struct Chunk {
   std::int64_t first = 0, last = 0;
 };
 
-/// out[h * kBlock + j] = q_h . k_j (= dot8) for the n keys of storage `keys`
+/// out[h * kBlock + j] = q_h . k_j (= dot_qk) for the n keys of storage `keys`
 /// and the G q heads of `qs` (pre-scaled, [G, d]). Under AVX2, two keys by
 /// four heads at a time, converted in registers (detail::qk_4x2); otherwise
 /// (and for an odd last key) each key converted into kbuf first.
@@ -189,7 +189,7 @@ void block_logits(const float* qs, int G, const S* keys, int n, int d, float* kb
     prefetch_block(ahead + static_cast<std::ptrdiff_t>(j) * d, row);
     prefetch_block(ahead_v + static_cast<std::ptrdiff_t>(j) * d, row);
     load_row(keys + static_cast<std::ptrdiff_t>(j) * d, d, kbuf);
-    for (int h = 0; h < G; ++h) out[h * kBlock + j] = detail::dot8(qs + static_cast<std::ptrdiff_t>(h) * d, kbuf, d);
+    for (int h = 0; h < G; ++h) out[h * kBlock + j] = detail::dot_qk(qs + static_cast<std::ptrdiff_t>(h) * d, kbuf, d);
   }
 }
 

@@ -14,6 +14,7 @@ namespace kvscope::opt::cpu {
 using detail::gemm_qkt;
 using detail::kKeyBlock;
 using detail::dot8;
+using detail::dot_qk;
 using detail::load_rows;
 #if KVSCOPE_CPU_AVX2
 using detail::hsum;
@@ -35,9 +36,10 @@ constexpr std::int64_t kThreadLogitFloats = std::int64_t{1} << 18;
 constexpr std::int64_t kDirectRows = 8;
 
 /// logits[r, j] (row stride ld) = Q[r] . k_j for R rows and n keys of storage,
-/// each logit equal to dot8(Q[r], k_j). With R a multiple of four (GQA groups
-/// of four and more), two keys by four rows at a time, converted in registers;
-/// otherwise four keys at a time converted into kbuf (4 * d floats) by two rows.
+/// each logit equal to dot_qk(Q[r], k_j). With R a multiple of four (GQA
+/// groups of four and more), two keys by four rows at a time, converted in
+/// registers; otherwise four keys at a time converted into kbuf (4 * d
+/// floats) by two rows, in dot_qk's sixteen-lane chains where it has them.
 template <class S>
 void direct_qkt(const float* Q, std::int64_t R, const S* k, std::int64_t n, int d, float* kbuf, float* logits,
                 std::int64_t ld) {
@@ -49,6 +51,23 @@ void direct_qkt(const float* Q, std::int64_t R, const S* k, std::int64_t n, int 
       for (std::int64_t r = 0; r < R; r += 4) detail::qk_4x2(Q + r * d, k + j * d, k + (j + 1) * d, d, logits + r * ld + j, ld);
     }
   } else if (d % 8 == 0) {
+#if KVSCOPE_CPU_AVX512
+    // dot_qk's sixteen-lane chains; the eight-lane loop below then has no keys left.
+    if (d % 16 == 0)
+      for (; j + 4 <= n; j += 4) {
+        prefetch(reinterpret_cast<const char*>(k + j * d) + kPrefetchAhead, 4 * d * sizeof(S));
+        load_row(k + j * d, 4 * d, kbuf);
+        for (std::int64_t r = 0; r < R; ++r) {
+          const float* qr = Q + r * d;
+          __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int c = 0; c < d; c += 16) {
+            const __m512 x = _mm512_loadu_ps(qr + c);
+            for (int u = 0; u < 4; ++u) a[u] = _mm512_fmadd_ps(x, _mm512_loadu_ps(kbuf + u * d + c), a[u]);
+          }
+          for (int u = 0; u < 4; ++u) logits[r * ld + j + u] = hsum(detail::halves_added(a[u]));
+        }
+      }
+#endif
     for (; j + 4 <= n; j += 4) {
       prefetch(reinterpret_cast<const char*>(k + j * d) + kPrefetchAhead, 4 * d * sizeof(S));
       load_row(k + j * d, 4 * d, kbuf);
@@ -72,13 +91,13 @@ void direct_qkt(const float* Q, std::int64_t R, const S* k, std::int64_t n, int 
         lb[0] = hsum(b0), lb[1] = hsum(b1), lb[2] = hsum(b2), lb[3] = hsum(b3);
       }
       for (; r < R; ++r)
-        for (int u = 0; u < 4; ++u) logits[r * ld + j + u] = dot8(Q + r * d, kbuf + u * d, d);
+        for (int u = 0; u < 4; ++u) logits[r * ld + j + u] = dot_qk(Q + r * d, kbuf + u * d, d);
     }
   }
 #endif
   for (; j < n; ++j) {
     load_row(k + j * d, d, kbuf);
-    for (std::int64_t r = 0; r < R; ++r) logits[r * ld + j] = dot8(Q + r * d, kbuf, d);
+    for (std::int64_t r = 0; r < R; ++r) logits[r * ld + j] = dot_qk(Q + r * d, kbuf, d);
   }
 }
 

@@ -75,31 +75,6 @@ inline float sq_norm4(const S* row, int d) {
   return hsum(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
 }
 
-/// logits[4, 2] (stride ld) of four query rows (Q, row stride d) against keys
-/// ka and kb, read from storage and converted in registers: eight FMA chains,
-/// each equal to dot8's, summed by one hsum8. The few-rows Q.K^T tile of
-/// window_scores' direct path and of decode (a GQA group of four heads).
-template <class S>
-inline void qk_4x2(const float* Q, const S* ka, const S* kb, int d, float* logits, std::int64_t ld) {
-  __m256 acc[8];
-  for (__m256& a : acc) a = _mm256_setzero_ps();
-  for (int c = 0; c < d; c += 8) {
-    const __m256 x = load8(ka + c), y = load8(kb + c);
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {
-      const __m256 q = _mm256_loadu_ps(Q + u * d + c);
-      acc[2 * u] = _mm256_fmadd_ps(q, x, acc[2 * u]);
-      acc[2 * u + 1] = _mm256_fmadd_ps(q, y, acc[2 * u + 1]);
-    }
-  }
-  const __m256 l = hsum8(acc);  // rows 0..3, keys (a, b) in lane pairs
-  const __m128 lo = _mm256_castps256_ps128(l), hi = _mm256_extractf128_ps(l, 1);
-  _mm_storel_pi(reinterpret_cast<__m64*>(logits), lo);
-  _mm_storeh_pi(reinterpret_cast<__m64*>(logits + ld), lo);
-  _mm_storel_pi(reinterpret_cast<__m64*>(logits + 2 * ld), hi);
-  _mm_storeh_pi(reinterpret_cast<__m64*>(logits + 3 * ld), hi);
-}
-
 /// The largest of the eight lanes (max is exact in any order).
 inline float hmax(__m256 v) {
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -165,6 +140,8 @@ inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(r
 /// The lower and upper eight lanes.
 inline __m256 low8(__m512 v) { return _mm512_castps512_ps256(v); }
 inline __m256 high8(__m512 v) { return _mm512_extractf32x8_ps(v, 1); }
+/// A sixteen-lane chain as eight lanes: lane i + 8 added onto lane i.
+inline __m256 halves_added(__m512 v) { return _mm256_add_ps(low8(v), high8(v)); }
 
 /// AbsRange on sixteen lanes, for the zmm loops: no extract per add;
 /// fold() is the AbsRange of everything added (the same two numbers).
@@ -214,6 +191,57 @@ inline __m256 sq_norms4_x8(const S* rows, int d) {
 KVSCOPE_AVX512_WARNINGS_ON
 #endif
 
+/// logits[4, 2] (stride ld) of four query rows (Q, row stride d) against keys
+/// ka and kb, read from storage and converted in registers: eight FMA chains,
+/// each equal to dot_qk's, summed together at the end. The few-rows Q.K^T
+/// tile of window_scores' direct path and of decode (a GQA group of four
+/// heads). Under AVX-512 (d % 16 == 0) the chains are sixteen lanes wide:
+/// half the FMAs of eight-lane chains, where these loops are bound by them.
+#if KVSCOPE_CPU_AVX512
+KVSCOPE_AVX512_WARNINGS_OFF
+#endif
+template <class S>
+inline void qk_4x2(const float* Q, const S* ka, const S* kb, int d, float* logits, std::int64_t ld) {
+  __m256 acc[8];
+#if KVSCOPE_CPU_AVX512
+  if (d % 16 == 0) {
+    __m512 wide[8];
+    for (__m512& a : wide) a = _mm512_setzero_ps();
+    for (int c = 0; c < d; c += 16) {
+      const __m512 x = load16(ka + c), y = load16(kb + c);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m512 q = _mm512_loadu_ps(Q + u * d + c);
+        wide[2 * u] = _mm512_fmadd_ps(q, x, wide[2 * u]);
+        wide[2 * u + 1] = _mm512_fmadd_ps(q, y, wide[2 * u + 1]);
+      }
+    }
+    for (int a = 0; a < 8; ++a) acc[a] = halves_added(wide[a]);
+  } else
+#endif
+  {
+    for (__m256& a : acc) a = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) {
+      const __m256 x = load8(ka + c), y = load8(kb + c);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m256 q = _mm256_loadu_ps(Q + u * d + c);
+        acc[2 * u] = _mm256_fmadd_ps(q, x, acc[2 * u]);
+        acc[2 * u + 1] = _mm256_fmadd_ps(q, y, acc[2 * u + 1]);
+      }
+    }
+  }
+  const __m256 l = hsum8(acc);  // rows 0..3, keys (a, b) in lane pairs
+  const __m128 lo = _mm256_castps256_ps128(l), hi = _mm256_extractf128_ps(l, 1);
+  _mm_storel_pi(reinterpret_cast<__m64*>(logits), lo);
+  _mm_storeh_pi(reinterpret_cast<__m64*>(logits + ld), lo);
+  _mm_storel_pi(reinterpret_cast<__m64*>(logits + 2 * ld), hi);
+  _mm_storeh_pi(reinterpret_cast<__m64*>(logits + 3 * ld), hi);
+}
+#if KVSCOPE_CPU_AVX512
+KVSCOPE_AVX512_WARNINGS_ON
+#endif
+
 }  // namespace kvscope::opt::cpu::detail
 #endif
 
@@ -232,6 +260,28 @@ inline float dot8(const float* q, const float* k, int d) {
 #endif
   return dot(q, k, d);
 }
+
+/// q . k of one logit in the few-row paths (window_scores' direct path,
+/// decode): the chain qk_4x2 keeps for it, so a key outside its two-key
+/// steps (an odd last key, fewer than four rows) gets the same bits. Under
+/// AVX-512 with d % 16 == 0, one sixteen-lane FMA chain, its halves added,
+/// then hsum; otherwise dot8.
+#if KVSCOPE_CPU_AVX512
+KVSCOPE_AVX512_WARNINGS_OFF
+#endif
+inline float dot_qk(const float* q, const float* k, int d) {
+#if KVSCOPE_CPU_AVX512
+  if (d % 16 == 0) {
+    __m512 a = _mm512_setzero_ps();
+    for (int c = 0; c < d; c += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k + c), a);
+    return hsum(halves_added(a));
+  }
+#endif
+  return dot8(q, k, d);
+}
+#if KVSCOPE_CPU_AVX512
+KVSCOPE_AVX512_WARNINGS_ON
+#endif
 
 /// max_i |x_i| (0 for n = 0). Max is exact in any order; a NaN may be kept or
 /// dropped, which callers allow.
