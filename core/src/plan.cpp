@@ -38,25 +38,50 @@ Plan Plan::keep(std::int64_t n, std::span<const std::int64_t> kept) {
   return keep(n, std::vector<std::int64_t>(kept.begin(), kept.end()));
 }
 
-Plan Plan::keep(std::int64_t n, std::vector<std::int64_t>&& kept) {
-  std::int64_t prev = -1;
-  for (std::int64_t j : kept) {
-    if (j <= prev || j >= n)
-      throw Error(ErrorKind::kInternal, "Plan::keep: kept indices must be increasing and < n");
-    prev = j;
+namespace {
+
+/// The first m elements of a thread's cached array of 1s (or of 0, 1, 2, ...
+/// with kIota), grown on demand. A one-hot plan's coefficients, counts and
+/// row pointers are copied from it: the copy is a memmove, which picks the
+/// machine's widest stores at run time, where a fill loop in this portably
+/// built library stores sixteen bytes at a time.
+template <class T, bool kIota = false>
+std::span<const T> constant_prefix(std::size_t m) {
+  thread_local std::vector<T> cache;
+  if (cache.size() < m) {
+    const std::size_t from = cache.size();
+    cache.resize(std::max(m, 2 * from));
+    if constexpr (kIota)
+      std::iota(cache.begin() + static_cast<std::ptrdiff_t>(from), cache.end(), static_cast<T>(from));
+    else
+      std::fill(cache.begin() + static_cast<std::ptrdiff_t>(from), cache.end(), T{1});
   }
-  // add_kept for every index, filled in bulk (the selection methods build
-  // thousands of one-hot slots per head; one push_back each was a hot spot).
+  return {cache.data(), m};
+}
+
+}  // namespace
+
+Plan Plan::keep(std::int64_t n, std::vector<std::int64_t>&& kept) {
+  // The order check as one branch-free pass (a branch per index was a
+  // quarter of the time).
+  std::int64_t prev = -1;
+  bool bad = false;
+  for (std::int64_t j : kept) bad |= j <= prev, prev = j;
+  if (bad || prev >= n) throw Error(ErrorKind::kInternal, "Plan::keep: kept indices must be increasing and < n");
+  // add_kept for every index, in bulk: the selection methods build thousands
+  // of one-hot slots per head, and one push_back each was a hot spot.
   const std::size_t m = kept.size();
+  const std::span<const double> ones = constant_prefix<double>(m);
+  const std::span<const std::int64_t> counts = constant_prefix<std::int64_t>(m);
+  const std::span<const std::int64_t> slots = constant_prefix<std::int64_t, true>(m + 1);
   Plan p;
   p.n = n;
   p.token = std::move(kept);
-  p.coef_k.assign(m, 1.0);
-  p.coef_v.assign(m, 1.0);
-  p.row_ptr.resize(m + 1);
-  std::iota(p.row_ptr.begin(), p.row_ptr.end(), std::int64_t{0});
+  p.coef_k.assign(ones.begin(), ones.end());
+  p.coef_v.assign(ones.begin(), ones.end());
+  p.row_ptr.assign(slots.begin(), slots.end());
   p.position = p.token;  // kOriginal positions: each slot keeps its token's
-  p.count.assign(m, 1);
+  p.count.assign(counts.begin(), counts.end());
   return p;
 }
 

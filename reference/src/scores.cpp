@@ -120,14 +120,19 @@ std::vector<std::int64_t> complement(std::int64_t n, std::span<const std::int64_
   // Sorted excluded tokens (sinks and windows, the usual case): the gaps
   // between them, each filled in order without a mask.
   if (std::is_sorted(excluded.begin(), excluded.end())) {
-    std::vector<std::int64_t> rest(static_cast<std::size_t>(n));
-    std::int64_t m = 0, from = 0;
+    std::vector<std::int64_t> rest;
+    rest.reserve(static_cast<std::size_t>(std::max<std::int64_t>(n, 0)));
+    const auto gap = [&](std::int64_t from, std::int64_t to) {  // tokens [from, to), one iota
+      if (to <= from) return;
+      rest.resize(rest.size() + static_cast<std::size_t>(to - from));
+      std::iota(rest.end() - (to - from), rest.end(), from);
+    };
+    std::int64_t from = 0;
     for (std::int64_t x : excluded) {
-      for (std::int64_t j = from; j < x; ++j) rest[static_cast<std::size_t>(m++)] = j;
+      gap(from, std::min(x, n));
       from = std::max(from, x + 1);
     }
-    for (std::int64_t j = from; j < n; ++j) rest[static_cast<std::size_t>(m++)] = j;
-    rest.resize(static_cast<std::size_t>(m));
+    gap(from, n);
     return rest;
   }
   std::vector<char> out_of(static_cast<std::size_t>(n), 0);

@@ -337,6 +337,40 @@ TEST(CpuKernels, TopKOfThousandsOfClusteredTiedAndOutlyingScoresEqualsReference)
   }
 }
 
+TEST(CpuKernels, TopKOfLongRowsEqualsReferenceWhetherTheSampledBandHoldsTheKthOrNot) {
+  // Rows long enough for the sampled band (AVX-512 builds): continuous
+  // scores, where the band holds the k-th key; clustered and heavily tied
+  // ones; and rows whose sampled positions (a fixed stride) carry the best
+  // scores, so the sample misjudges the quantile and every key is counted.
+  // Candidates are one range (keys made in the band pass) or skip tokens.
+  std::mt19937_64 rng(46);
+  std::exponential_distribution<float> attention(1.0f);
+  std::normal_distribution<float> norm(-11.3f, 1e-3f);
+  for (int trial = 0; trial < 24; ++trial) {
+    const std::int64_t n = 4096 + static_cast<std::int64_t>(rng() % 12000);
+    const int kind = trial % 4;
+    std::vector<float> s(static_cast<std::size_t>(n));
+    for (float& x : s)
+      x = kind == 0 ? attention(rng) : kind == 1 ? norm(rng) : kind == 2 ? static_cast<float>(rng() % 7) : attention(rng);
+    std::vector<std::int64_t> cand;
+    for (std::int64_t j = 0; j < n; ++j)
+      if (trial % 3 != 0 || rng() % 8 != 0) cand.push_back(j);
+    if (kind == 3) {  // the best scores on every sampled candidate position, at strides near n / 1024
+      const std::size_t stride = cand.size() / 1024;
+      for (std::size_t q = 0; q < 1024; ++q) s[static_cast<std::size_t>(cand[q * stride + stride / 2])] = 100.0f + static_cast<float>(q);
+    }
+    VecX sd(n);
+    for (std::int64_t j = 0; j < n; ++j) sd[j] = s[static_cast<std::size_t>(j)];
+    const auto nc = static_cast<std::int64_t>(cand.size());
+    const std::int64_t ks[] = {1, 7, nc / 3, nc / 2, nc - 3, static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(nc))};
+    for (std::int64_t k : ks) {
+      std::vector<std::int64_t> kept;
+      opt::cpu::top_k(s.data(), opt::cpu::Candidates(cand), k, kept);
+      EXPECT_EQ(kept, ref::top_k(sd, cand, k).kept) << "seed 46, trial " << trial << ", n " << n << ", k " << k;
+    }
+  }
+}
+
 /// A random plan over T tokens: one-hot, merged (weights), value-only and re-rotated rows.
 Plan random_plan(std::int64_t T, std::mt19937_64& rng, bool rerotated) {
   Plan p;

@@ -41,7 +41,8 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
                                   const std::string& method) {
   const std::int64_t T = scores.tokens;
   const auto& prot = scores.protected_tokens;
-  const std::vector<std::int64_t> candidates = ref::complement(T, prot);
+  const std::vector<std::int64_t> candidate_tokens = ref::complement(T, prot);
+  const cpu::Candidates candidates(candidate_tokens);  // its layout checked once for every head
   const auto n_prot = static_cast<std::int64_t>(prot.size());
   // The heads' checks and top-k run in parallel, one head per thread; the
   // first bad head in head order names the error afterwards.
@@ -64,7 +65,6 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
   std::vector<std::int64_t> nan_at(static_cast<std::size_t>(scores.heads), -1);  // first NaN candidate, per head
 #pragma omp parallel
   {
-    std::vector<std::int64_t> kept;
 #pragma omp for schedule(dynamic, 1)
     for (int h = 0; h < scores.heads; ++h) {
       const std::int64_t budget = head_budgets[static_cast<std::size_t>(h)];
@@ -77,14 +77,24 @@ std::vector<Plan> select_per_head(const ScoreSet& scores, const std::vector<std:
       const float* s = scores.head(h);
       // NaN among the candidates is an error; a vectorised check of the
       // whole row first spares the indexed search when there is none.
-      const auto nan = !cpu::any_nan(s, T) ? candidates.end()
-                                 : std::find_if(candidates.begin(), candidates.end(), [s](std::int64_t j) { return std::isnan(s[j]); });
-      if (nan != candidates.end()) {
+      const auto nan = !cpu::any_nan(s, T) ? candidate_tokens.end()
+                                 : std::find_if(candidate_tokens.begin(), candidate_tokens.end(), [s](std::int64_t j) { return std::isnan(s[j]); });
+      if (nan != candidate_tokens.end()) {
         nan_at[static_cast<std::size_t>(h)] = *nan;
         continue;
       }
+      // Room for the protected tokens too: those after every kept one (a
+      // recent window, the usual case) are appended in place and the vector
+      // becomes the plan's token array, with no merged copy.
+      std::vector<std::int64_t> kept;
+      kept.reserve(static_cast<std::size_t>(budget) + 16);
       cpu::top_k(s, candidates, budget - n_prot, kept);
-      plans[static_cast<std::size_t>(h)] = Plan::keep(T, ref::merge_sorted(kept, prot));
+      if (!kept.empty() && !prot.empty() && prot.front() <= kept.back()) {
+        plans[static_cast<std::size_t>(h)] = Plan::keep(T, ref::merge_sorted(kept, prot));
+        continue;
+      }
+      kept.insert(kept.end(), prot.begin(), prot.end());
+      plans[static_cast<std::size_t>(h)] = Plan::keep(T, std::move(kept));
     }
     // Repeated heads copy their source's plan, on every thread (TOVA: seven
     // copies of a head's plan were a serial tail).

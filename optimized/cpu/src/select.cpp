@@ -90,26 +90,12 @@ bool increasing_in_key(std::span<const std::int64_t> c) {
 
 /// Appends to `out` the candidates [j0, j1) whose key is below t (kInclusive:
 /// at most t), in order; returns how many. Branch-free: about half are kept,
-/// in no predictable pattern. Under AVX-512, sixteen keys a step, each half's
-/// kept candidates packed by one compress and stored whole: `out` needs room
-/// for eight past the last kept.
+/// in no predictable pattern. `out` needs room for one past the last kept.
 template <bool kInclusive>
 std::size_t compact_below(const std::uint32_t* keys, const std::int64_t* candidates, std::size_t j0,
                           std::size_t j1, std::uint32_t t, std::int64_t* out) {
-  std::size_t m = 0, j = j0;
-#if KVSCOPE_CPU_AVX512
-  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
-  for (; j + 16 <= j1; j += 16) {
-    const __m512i k = _mm512_loadu_si512(keys + j);
-    const __mmask16 keep = kInclusive ? _mm512_cmple_epu32_mask(k, vt) : _mm512_cmplt_epu32_mask(k, vt);
-    const auto lo = static_cast<__mmask8>(keep), hi = static_cast<__mmask8>(keep >> 8);
-    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi64(lo, _mm512_loadu_si512(candidates + j)));
-    m += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(lo)));
-    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi64(hi, _mm512_loadu_si512(candidates + j + 8)));
-    m += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(hi)));
-  }
-#endif
-  for (; j < j1; ++j) {
+  std::size_t m = 0;
+  for (std::size_t j = j0; j < j1; ++j) {
     out[m] = candidates[j];
     // key <= t as the borrow of t - key: written as a compare, GCC merged it
     // with the loop into an unpredictable branch.
@@ -121,35 +107,27 @@ std::size_t compact_below(const std::uint32_t* keys, const std::int64_t* candida
   return m;
 }
 
-/// top_k for increasing candidates, 0 < kk < n, n >= kRadixMin, on 32-bit
-/// score keys in candidate order. The kk smallest (key, position) pairs are
-/// every key below the kk-th smallest key t, and the first keys equal to t in
-/// candidate order. Passes of simple loops: the keys and their range, a
-/// histogram, the one bucket that holds t, the kept candidates in order. Half
-/// the 64-bit path's key bytes, and the key pass runs eight scores at a time.
-void top_k_increasing(const float* scores, std::span<const std::int64_t> candidates, std::size_t kk,
-                      std::vector<std::int64_t>& kept) {
-  const std::size_t n = candidates.size();
-  const std::unique_ptr<std::uint32_t[]> keys(new std::uint32_t[n]);  // every key written first: no zeroing
-  std::uint32_t lo = UINT32_MAX, hi = 0;
-  const std::int64_t first = candidates.front();
-  if (candidates.back() - first == static_cast<std::int64_t>(n) - 1) {  // a range: no gather
-    const float* s = scores + first;
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::uint32_t key = descending_bits(s[i]);
-      keys[i] = key, lo = std::min(lo, key), hi = std::max(hi, key);
-    }
-  } else {
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::uint32_t key = descending_bits(scores[candidates[i]]);
-      keys[i] = key, lo = std::min(lo, key), hi = std::max(hi, key);
-    }
-  }
-  const int shift = bucket_shift(lo, hi);
+/// The kk-th smallest of keys[0, n) (1 <= kk <= n, every key in [lo, hi]),
+/// and how many keys are below it. One histogram pass over the keys, its
+/// buckets scaled to [lo, hi] so clustered scores (key norms, attention of one
+/// scale) still spread over them, then an nth_element inside the one bucket
+/// that holds it.
+struct KthKey {
+  std::uint32_t key;
+  std::size_t less;
+};
+KthKey kth_key_by_histogram(const std::uint32_t* keys, std::size_t n, std::size_t kk, std::uint32_t lo,
+                            std::uint32_t hi) {
+  // About four keys a bucket, up to 2^kBucketBits: the histogram's zeroing
+  // and prefix walk stay small next to a band of a thousand keys.
+  const int bits = std::clamp(static_cast<int>(std::bit_width(n)) - 2, 6, kBucketBits);
+  int shift = 0;
+  while (((hi - lo) >> shift) >= (1u << bits)) ++shift;
   // Two interleaved histograms: runs of equal scores (clustered key norms)
   // would otherwise make each count wait on the previous increment's store.
-  constexpr std::uint32_t kHalf = 1u << kBucketBits;
-  std::array<std::uint32_t, 2 * kHalf> count{};
+  const std::uint32_t kHalf = 1u << bits;
+  std::array<std::uint32_t, 2u << kBucketBits> count;
+  std::fill_n(count.begin(), 2 * kHalf, 0u);
   std::size_t i = 0;
   for (; i + 2 <= n; i += 2) {
     ++count[(keys[i] - lo) >> shift];
@@ -161,7 +139,7 @@ void top_k_increasing(const float* scores, std::span<const std::int64_t> candida
   while (below + count[b] + count[b + kHalf] < kk) below += count[b] + count[b + kHalf], ++b;
   // The bucket's keys, [base, base + width). It holds few: blocks of sixteen
   // are tested at once (vectorised), and only a block with one is scanned.
-  const std::uint32_t base = lo + (b << shift), width = 1u << shift;  // shift <= 21
+  const std::uint32_t base = lo + (b << shift), width = 1u << shift;  // shift <= 26
   std::vector<std::uint32_t> in_b;
   in_b.reserve(count[b] + count[b + kHalf]);
   for (std::size_t i0 = 0; i0 < n; i0 += 16) {
@@ -177,9 +155,18 @@ void top_k_increasing(const float* scores, std::span<const std::int64_t> candida
   const std::uint32_t t = in_b[pos];
   std::size_t less = below;
   for (std::uint32_t key : in_b) less += key < t ? 1 : 0;
-  const std::size_t ties = kk - less;  // keys equal to t to take, the first in candidate order
-  // Kept: key <= t up to the last tie taken (`split`, one past it), key < t after.
-  // Blocks of sixteen are counted at once (vectorised) until one holds it.
+  return {t, less};
+}
+
+/// The kept candidates in order, given t = the kk-th smallest key and
+/// `ties`, how many keys equal to t are kept (the first in candidate order):
+/// key <= t up to the last tie taken (`split`), key < t after it. Passes of
+/// simple loops: the tie count stops at the block that holds the split, and
+/// the two compactions are branch-free.
+[[maybe_unused]] void compact_kept(const std::uint32_t* keys, std::span<const std::int64_t> candidates,
+                                   std::uint32_t t, std::size_t ties, std::size_t kk, std::vector<std::int64_t>& kept) {
+  const std::size_t n = candidates.size();
+  // Blocks of sixteen are counted at once (vectorised) until one holds the split.
   std::size_t split = 0, seen = 0;
   for (; split + 16 <= n; split += 16) {
     std::size_t c = 0;
@@ -188,10 +175,190 @@ void top_k_increasing(const float* scores, std::span<const std::int64_t> candida
     seen += c;
   }
   for (; seen < ties; ++split) seen += keys[split] == t ? 1 : 0;
-  kept.resize(kk + 8);  // compact_below's room
-  const std::size_t m = compact_below<true>(keys.get(), candidates.data(), 0, split, t, kept.data());
-  compact_below<false>(keys.get(), candidates.data(), split, n, t, kept.data() + m);
+  kept.resize(kk + 1);  // compact_below's room
+  const std::size_t m = compact_below<true>(keys, candidates.data(), 0, split, t, kept.data());
+  compact_below<false>(keys, candidates.data(), split, n, t, kept.data() + m);
   kept.resize(kk);
+}
+
+#if KVSCOPE_CPU_AVX512
+KVSCOPE_AVX512_WARNINGS_OFF
+/// descending_bits of sixteen scores, lane by lane.
+inline __m512i descending_bits16(__m512 x) {
+  const __m512i u = _mm512_maskz_mov_epi32(_mm512_cmpneq_ps_mask(x, _mm512_setzero_ps()), _mm512_castps_si512(x));
+  return _mm512_xor_si512(u, _mm512_andnot_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32(0x7fffffff)));
+}
+
+/// Keys sampled by band_bounds (at a fixed stride, so the same keys every
+/// call), and the least candidate count worth sampling.
+constexpr std::size_t kBandSamples = 1024;
+constexpr std::size_t kBandMin = 4 * kBandSamples;
+
+/// The key range [lo, hi] that holds the kk-th smallest of n keys, judged
+/// from kBandSamples of them (key(q), q < kBandSamples): the sample ranks of
+/// its quantile give or take 3.5 standard deviations, widened to whole
+/// histogram buckets. An end past the sample's quantiles is the end of all keys.
+template <class KeyAt>
+std::pair<std::uint32_t, std::uint32_t> band_bounds(std::size_t n, std::size_t kk, KeyAt key) {
+  std::array<std::uint32_t, kBandSamples> sample;
+  std::uint32_t smin = UINT32_MAX, smax = 0;
+  for (std::size_t q = 0; q < kBandSamples; ++q) {
+    sample[q] = key(q);
+    smin = std::min(smin, sample[q]), smax = std::max(smax, sample[q]);
+  }
+  constexpr int kBits = 9;
+  int shift = 0;
+  while (((smax - smin) >> shift) >= (1u << kBits)) ++shift;
+  std::array<std::uint32_t, 1u << kBits> count{};
+  for (std::uint32_t k : sample) ++count[(k - smin) >> shift];
+  const double p = static_cast<double>(kk) / static_cast<double>(n), target = p * kBandSamples;
+  const double margin = 3.5 * std::sqrt(kBandSamples * p * (1.0 - p)) + 2.0;
+  std::uint32_t lo = 0, hi = UINT32_MAX;
+  std::size_t seen = 0, b = 0;
+  if (target - margin > 0) {
+    while (static_cast<double>(seen + count[b]) < target - margin) seen += count[b++];
+    lo = smin + static_cast<std::uint32_t>(b << shift);
+  }
+  if (target + margin < kBandSamples) {
+    while (static_cast<double>(seen + count[b]) < target + margin) seen += count[b++];
+    hi = static_cast<std::uint32_t>(
+        std::min<std::uint64_t>(UINT32_MAX, std::uint64_t{smin} + ((std::uint64_t{b} + 1) << shift) - 1));
+  }
+  return {lo, hi};
+}
+
+/// kth_key_by_histogram's answer for the kk-th smallest of the n keys of
+/// `scores` at `c` (n >= kBandMin), writing every key to keys[0, n) on the
+/// way. A sample picks the band of keys that holds it (band_bounds); one
+/// sixteen-lane pass makes the keys, counts those below the band and packs
+/// those inside it; the histogram then runs on the band alone (about a tenth
+/// of the keys). The scattered increments of the whole histogram were most of
+/// top_k's time. False when the kk-th key is outside the band: the sample
+/// misjudged the quantile (periodic scores, heavy ties), and the caller
+/// counts every key.
+bool kth_key_in_band(const float* scores, const Candidates& c, std::size_t kk, std::uint32_t* keys, KthKey& out) {
+  const std::size_t n = c.tokens.size(), stride = n / kBandSamples;
+  const float* range = c.range ? scores + c.tokens.front() : nullptr;  // the scores in candidate order
+  if (!range)
+    for (std::size_t i = 0; i < n; ++i) keys[i] = descending_bits(scores[c.tokens[i]]);
+  const auto [lo, hi] = band_bounds(n, kk, [&](std::size_t q) {
+    const std::size_t i = q * stride + stride / 2;
+    return range ? descending_bits(range[i]) : keys[i];
+  });
+  const std::unique_ptr<std::uint32_t[]> band(new std::uint32_t[n + 16]);  // room for a whole last store
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vwidth = _mm512_set1_epi32(static_cast<int>(hi - lo));
+  __m512i bmin = _mm512_set1_epi32(-1), bmax = _mm512_setzero_si512();  // the band's own range
+  std::size_t below = 0, m = 0, j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512i k;
+    if (range) {
+      k = descending_bits16(_mm512_loadu_ps(range + j));
+      _mm512_storeu_si512(keys + j, k);
+    } else {
+      k = _mm512_loadu_si512(keys + j);
+    }
+    below += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(_mm512_cmplt_epu32_mask(k, vlo))));
+    const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vlo), vwidth);
+    bmin = _mm512_mask_min_epu32(bmin, in, bmin, k), bmax = _mm512_mask_max_epu32(bmax, in, bmax, k);
+    _mm512_storeu_si512(band.get() + m, _mm512_maskz_compress_epi32(in, k));
+    m += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(in)));
+  }
+  std::uint32_t band_lo = _mm512_reduce_min_epu32(bmin), band_hi = _mm512_reduce_max_epu32(bmax);
+  for (; j < n; ++j) {
+    if (range) keys[j] = descending_bits(range[j]);
+    const std::uint32_t k = keys[j];
+    below += k < lo ? 1 : 0;
+    if (k - lo <= hi - lo) band[m++] = k, band_lo = std::min(band_lo, k), band_hi = std::max(band_hi, k);
+  }
+  if (below >= kk || below + m < kk) return false;
+  out = kth_key_by_histogram(band.get(), m, kk - below, band_lo, band_hi);
+  out.less += below;
+  return true;
+}
+
+/// The lowest `count` set bits of x.
+inline unsigned lowest_set_bits(unsigned x, std::size_t count) {
+  unsigned out = 0;
+  for (; count > 0 && x != 0; --count) out |= x & (0u - x), x &= x - 1;
+  return out;
+}
+
+/// compact_kept under AVX-512: one pass, sixteen keys a step, the ties taken
+/// by a mask of the first equal lanes in the blocks up to the split. A range of candidates is packed as 32-bit positions and widened,
+/// with no load of the candidates.
+void compact_kept16(const std::uint32_t* keys, const Candidates& c, std::uint32_t t, std::size_t ties,
+                    std::size_t kk, std::vector<std::int64_t>& kept) {
+  const std::size_t n = c.tokens.size();
+  const std::int64_t* cand = c.tokens.data();
+  kept.resize(kk + 16);  // each step stores sixteen lanes
+  std::int64_t* out = kept.data();
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  std::size_t m = 0, j = 0, taken = 0;  // taken: keys equal to t kept so far
+  for (; j + 16 <= n; j += 16) {
+    const __m512i k = _mm512_loadu_si512(keys + j);
+    auto keep = static_cast<unsigned>(_mm512_cmplt_epu32_mask(k, vt));
+    if (taken < ties) {
+      const auto eq = static_cast<unsigned>(_mm512_cmpeq_epu32_mask(k, vt));
+      const auto take = std::min<std::size_t>(static_cast<std::size_t>(std::popcount(eq)), ties - taken);
+      keep |= lowest_set_bits(eq, take);
+      taken += take;
+    }
+    if (c.range) {
+      const __m512i first = _mm512_set1_epi32(static_cast<int>(cand[0] + static_cast<std::int64_t>(j)));
+      const __m512i pos = _mm512_maskz_compress_epi32(static_cast<__mmask16>(keep), _mm512_add_epi32(lanes, first));
+      _mm512_storeu_si512(out + m, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(pos)));
+      _mm512_storeu_si512(out + m + 8, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(pos, 1)));
+    } else {
+      const auto lo = static_cast<__mmask8>(keep), hi = static_cast<__mmask8>(keep >> 8);
+      const auto n_lo = static_cast<std::size_t>(std::popcount(keep & 0xffu));
+      _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi64(lo, _mm512_loadu_si512(cand + j)));
+      _mm512_storeu_si512(out + m + n_lo, _mm512_maskz_compress_epi64(hi, _mm512_loadu_si512(cand + j + 8)));
+    }
+    m += static_cast<std::size_t>(std::popcount(keep));
+  }
+  for (; j < n; ++j) {
+    const bool take_tie = keys[j] == t && taken < ties;
+    taken += take_tie ? 1 : 0;
+    out[m] = cand[j];
+    m += keys[j] < t || take_tie ? 1 : 0;
+  }
+  kept.resize(kk);
+}
+KVSCOPE_AVX512_WARNINGS_ON
+#endif
+
+/// top_k for increasing candidates, 0 < kk < n, n >= kRadixMin, on 32-bit
+/// score keys in candidate order. The kk smallest (key, position) pairs are
+/// every key below the kk-th smallest key t, and the first keys equal to t in
+/// candidate order. Passes of simple loops: the keys (with their range, or
+/// with the band of kth_key_in_band), the search for t, the kept candidates
+/// in order. Half the 64-bit path's key bytes.
+void top_k_increasing(const float* scores, const Candidates& c, std::size_t kk, std::vector<std::int64_t>& kept) {
+  const std::span<const std::int64_t> candidates = c.tokens;
+  const std::size_t n = candidates.size();
+  const std::unique_ptr<std::uint32_t[]> keys(new std::uint32_t[n]);  // every key written first: no zeroing
+  KthKey kth{};
+  bool found = false, have_keys = false;
+#if KVSCOPE_CPU_AVX512
+  have_keys = n >= kBandMin;
+  if (have_keys) found = kth_key_in_band(scores, c, kk, keys.get(), kth);
+#endif
+  if (!found) {
+    std::uint32_t lo = UINT32_MAX, hi = 0;
+    const float* s = c.range ? scores + candidates.front() : nullptr;  // no gather
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint32_t key = have_keys ? keys[i] : descending_bits(s ? s[i] : scores[candidates[i]]);
+      keys[i] = key, lo = std::min(lo, key), hi = std::max(hi, key);
+    }
+    kth = kth_key_by_histogram(keys.get(), n, kk, lo, hi);
+  }
+  const std::size_t ties = kk - kth.less;  // keys equal to the kk-th to keep, the first in candidate order
+#if KVSCOPE_CPU_AVX512
+  compact_kept16(keys.get(), c, kth.key, ties, kk, kept);
+#else
+  compact_kept(keys.get(), candidates, kth.key, ties, kk, kept);
+#endif
 }
 
 }  // namespace
@@ -212,12 +379,22 @@ bool any_nan(const float* x, std::int64_t n) {
   return nan;
 }
 
+Candidates::Candidates(std::span<const std::int64_t> candidates)
+    : tokens(candidates),
+      increasing(increasing_in_key(candidates)),
+      range(increasing && candidates.back() - candidates.front() == static_cast<std::int64_t>(candidates.size()) - 1) {}
+
 void top_k(const float* scores, std::span<const std::int64_t> candidates, std::int64_t k,
            std::vector<std::int64_t>& kept) {
+  top_k(scores, Candidates(candidates), k, kept);
+}
+
+void top_k(const float* scores, const Candidates& c, std::int64_t k, std::vector<std::int64_t>& kept) {
+  const std::span<const std::int64_t> candidates = c.tokens;
   const auto n = static_cast<std::ptrdiff_t>(candidates.size());
   const auto kk = static_cast<std::ptrdiff_t>(std::clamp<std::int64_t>(k, 0, n));
-  if (kk > 0 && kk < n && candidates.size() >= kRadixMin && increasing_in_key(candidates)) {
-    top_k_increasing(scores, candidates, static_cast<std::size_t>(kk), kept);
+  if (kk > 0 && kk < n && candidates.size() >= kRadixMin && c.increasing) {
+    top_k_increasing(scores, c, static_cast<std::size_t>(kk), kept);
     return;
   }
   // A strict total order (score descending, then index ascending) makes the
