@@ -98,12 +98,9 @@ class KVMergerCpu final : public BackendMethod {
       });
       // Every token is in exactly one run and the runs are in order, so the
       // plan is filled in bulk (ref::kvmerger_head_plan's slots, one per run):
-      // rows = the runs, tokens 0..T-1, coef_k = the weights (1 for one-token
-      // runs), coef_v = coef_k times the run's size when values are scaled,
-      // position = the pivot (a one-token run's own token), count = the size.
-      // The fp32 weights are renormalised in double, so that each row sums to
-      // 1 (and m) to the plan checker's 1e-12, as the reference's do: their
-      // fp32 sum is 1 only to ~1e-7, which failed the merge laws.
+      // rows = the runs, tokens 0..T-1, coefficients from the weights
+      // renormalised per run (cpu::run_coefficients), position = the pivot (a
+      // one-token run's own token), count = the size.
       Plan& p = plans[static_cast<std::size_t>(g)];
       p.n = T;
       p.token.resize(static_cast<std::size_t>(T));
@@ -111,18 +108,8 @@ class KVMergerCpu final : public BackendMethod {
       p.coef_k.resize(static_cast<std::size_t>(T));
       p.coef_v.resize(static_cast<std::size_t>(T));
       p.count.resize(static_cast<std::size_t>(runs));
-      for (std::int64_t r = 0; r < runs; ++r) {
-        const std::int64_t b = begin[static_cast<std::size_t>(r)], e = begin[static_cast<std::size_t>(r) + 1];
-        const double scale = c_.scaled_values ? static_cast<double>(e - b) : 1.0;
-        double total = 0.0;
-        for (std::int64_t j = b; j < e; ++j) total += static_cast<double>(w[static_cast<std::size_t>(j)]);
-        for (std::int64_t j = b; j < e; ++j) {
-          const auto u = static_cast<std::size_t>(j);
-          p.coef_k[u] = static_cast<double>(w[u]) / total;
-          p.coef_v[u] = scale * p.coef_k[u];
-        }
-        p.count[static_cast<std::size_t>(r)] = e - b;
-      }
+      cpu::run_coefficients(w.data(), begin.data(), runs, c_.scaled_values, p.coef_k.data(), p.coef_v.data(),
+                            p.count.data());
       p.row_ptr = std::move(begin);
       p.position = std::move(pivot);
     });

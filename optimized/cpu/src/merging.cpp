@@ -184,6 +184,27 @@ void merge_runs(std::int64_t tokens, const char* merge, const float* score, std:
   begin.push_back(tokens);
 }
 
+void run_coefficients(const float* w, const std::int64_t* begin, std::int64_t runs, bool scaled_values,
+                      double* coef_k, double* coef_v, std::int64_t* count) {
+  for (std::int64_t s = 0; s < runs; ++s) {
+    const std::int64_t b = begin[s], e = begin[s + 1];
+    // Four partial sums in a fixed order: one chain of dependent double adds
+    // per token was the plan fill's time, with a division per token.
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+    std::int64_t j = b;
+    for (; j + 4 <= e; j += 4)
+      for (int u = 0; u < 4; ++u) part[u] += static_cast<double>(w[j + u]);
+    for (; j < e; ++j) part[0] += static_cast<double>(w[j]);
+    const double inv = 1.0 / ((part[0] + part[1]) + (part[2] + part[3]));
+    const double scale = scaled_values ? static_cast<double>(e - b) : 1.0;
+    for (j = b; j < e; ++j) {
+      coef_k[j] = static_cast<double>(w[j]) * inv;
+      coef_v[j] = scale * coef_k[j];
+    }
+    count[s] = e - b;
+  }
+}
+
 template <class S>
 void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, const std::int64_t* begin,
                             const std::int64_t* pivot, std::int64_t runs, SigmaMode mode, float sigma, float* w,

@@ -39,6 +39,14 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
                             const std::int64_t* pivot, std::int64_t runs, SigmaMode mode, float sigma, float* w,
                             bool keys_cached = false);
 
+/// KVMerger's plan coefficients from gaussian_merge_weights' fp32 weights:
+/// each run [begin[s], begin[s+1]) renormalised in double, so that its
+/// coef_k sum to 1 (and its coef_v to the run's size m when `scaled_values`)
+/// to the plan checker's 1e-12, as the reference's do (the fp32 weights sum
+/// to 1 only to ~1e-7). coef_k, coef_v: [begin[runs]]; count[s] = m.
+void run_coefficients(const float* w, const std::int64_t* begin, std::int64_t runs, bool scaled_values,
+                      double* coef_k, double* coef_v, std::int64_t* count);
+
 /// WeightedKV's streaming prefill, in two steps. First, for a block of
 /// prompt queries [t0, t0 + n), the pre-scaled logits of kv head `kv`'s GQA
 /// group against the n_keys keys it may see (tokens keys[0..n_keys) of the
