@@ -38,6 +38,12 @@ struct Limits {
 };
 const Limits& limits();
 
+/// The limits' memory kernels, also timed as the bandwidth/* rows: a copy of
+/// n bytes split over the threads (memcpy each), and a threaded read-only
+/// pass (a sum of 64-bit words; returns it).
+void omp_copy(unsigned char* dst, const unsigned char* src, std::size_t n);
+double omp_read(const unsigned char* src, std::size_t n);
+
 /// The benchmark layer: a synthetic trace layer (fp16 values, no decode
 /// steps), built once.
 struct BenchLayer {
