@@ -274,13 +274,26 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
           break;
         }
       }
-      float total = 0.0f;
-      for (std::int64_t i = 0; i < m; ++i) {
-        const float g = math::gaussian_weight(dist2[static_cast<std::size_t>(i)], sig);
-        w[b + i] = g;
-        total += g;
+      // g_i = math::gaussian_weight(dist2_i, sig): the same exponent, its
+      // exps sixteen lanes at a time (glibc's vector expf, within an ulp of
+      // the scalar one; a scalar expf per merged token was 7% of KVMerger's
+      // prefill), summed in eight fixed lanes.
+      float* g = w + b;
+      if (sig > 0.0f) {
+        for (std::int64_t i = 0; i < m; ++i) g[i] = -dist2[static_cast<std::size_t>(i)] / (2.0f * sig * sig);
+        detail::exp_inplace(g, m);
+        for (std::int64_t i = 0; i < m; ++i)
+          if (dist2[static_cast<std::size_t>(i)] == 0.0f) g[i] = 1.0f;  // the pivot, even if 2 sig^2 underflows
+      } else {
+        std::fill(g, g + m, 1.0f);  // every key at the pivot
       }
-      for (std::int64_t i = b; i < e; ++i) w[i] /= total;
+      float lane[8] = {};
+      std::int64_t i = 0;
+      for (; i + 8 <= m; i += 8)
+        for (int l = 0; l < 8; ++l) lane[l] += g[i + l];
+      for (; i < m; ++i) lane[0] += g[i];
+      const float total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+      for (i = 0; i < m; ++i) g[i] /= total;
     }
   }
   (void)tokens;
