@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #include "qk_blocks.hpp"
@@ -174,9 +175,14 @@ void merge_runs(std::int64_t tokens, const char* merge, const float* score, std:
   begin.clear();
   pivot.clear();
   for (std::int64_t b = 0; b < tokens;) {
-    std::int64_t p = b, e = b + 1;
-    for (; e < tokens && merge[e - 1]; ++e)
-      if (score[e] > score[p]) p = e;
+    // The run ends after the first edge from b on that does not merge, found
+    // by memchr (glibc's wide compares): a branch per token on the flags
+    // mispredicted at every run's end.
+    const void* stop = b + 1 < tokens ? std::memchr(merge + b, 0, static_cast<std::size_t>(tokens - 1 - b)) : nullptr;
+    const std::int64_t e = stop ? static_cast<const char*>(stop) - merge + 1 : tokens;
+    std::int64_t p = b;
+    for (std::int64_t j = b + 1; j < e; ++j)
+      if (score[j] > score[p]) p = j;
     begin.push_back(b);
     pivot.push_back(p);
     b = e;
