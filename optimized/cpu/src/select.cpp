@@ -39,12 +39,12 @@ constexpr std::size_t kRadixMin = 256;
 /// Buckets of the histogram pass (fits in L1 with the keys streaming past).
 constexpr int kBucketBits = 11;
 
-/// The least shift that maps key range [lo, hi] onto the 2^kBucketBits
-/// buckets: the buckets span the keys' own range, so clustered scores (key
-/// norms, attention of one scale) still spread over them.
-int bucket_shift(std::uint32_t lo, std::uint32_t hi) {
+/// The least shift that maps key range [lo, hi] onto 2^bits buckets: the
+/// buckets span the keys' own range, so clustered scores (key norms,
+/// attention of one scale) still spread over them.
+int bucket_shift(std::uint32_t lo, std::uint32_t hi, int bits = kBucketBits) {
   int shift = 0;
-  while (((hi - lo) >> shift) >= (1u << kBucketBits)) ++shift;
+  while (((hi - lo) >> shift) >= (1u << bits)) ++shift;
   return shift;
 }
 
@@ -121,8 +121,7 @@ KthKey kth_key_by_histogram(const std::uint32_t* keys, std::size_t n, std::size_
   // About four keys a bucket, up to 2^kBucketBits: the histogram's zeroing
   // and prefix walk stay small next to a band of a thousand keys.
   const int bits = std::clamp(static_cast<int>(std::bit_width(n)) - 2, 6, kBucketBits);
-  int shift = 0;
-  while (((hi - lo) >> shift) >= (1u << bits)) ++shift;
+  const int shift = bucket_shift(lo, hi, bits);
   // Two interleaved histograms: runs of equal scores (clustered key norms)
   // would otherwise make each count wait on the previous increment's store.
   const std::uint32_t kHalf = 1u << bits;
@@ -207,8 +206,7 @@ std::pair<std::uint32_t, std::uint32_t> band_bounds(std::size_t n, std::size_t k
     smin = std::min(smin, sample[q]), smax = std::max(smax, sample[q]);
   }
   constexpr int kBits = 9;
-  int shift = 0;
-  while (((smax - smin) >> shift) >= (1u << kBits)) ++shift;
+  const int shift = bucket_shift(smin, smax, kBits);
   std::array<std::uint32_t, 1u << kBits> count{};
   for (std::uint32_t k : sample) ++count[(k - smin) >> shift];
   const double p = static_cast<double>(kk) / static_cast<double>(n), target = p * kBandSamples;
@@ -284,8 +282,9 @@ inline unsigned lowest_set_bits(unsigned x, std::size_t count) {
 }
 
 /// compact_kept under AVX-512: one pass, sixteen keys a step, the ties taken
-/// by a mask of the first equal lanes in the blocks up to the split. A range of candidates is packed as 32-bit positions and widened,
-/// with no load of the candidates.
+/// by a mask of the first equal lanes in the blocks up to the split. A range
+/// of candidates is packed as 32-bit positions and widened, with no load of
+/// the candidates.
 void compact_kept16(const std::uint32_t* keys, const Candidates& c, std::uint32_t t, std::size_t ties,
                     std::size_t kk, std::vector<std::int64_t>& kept) {
   const std::size_t n = c.tokens.size();
