@@ -280,26 +280,23 @@ void gaussian_merge_weights(const S* k_head, std::int64_t tokens, int head_dim, 
           break;
         }
       }
-      // g_i = math::gaussian_weight(dist2_i, sig): the same exponent, its
-      // exps sixteen lanes at a time (glibc's vector expf, within an ulp of
-      // the scalar one; a scalar expf per merged token was 7% of KVMerger's
-      // prefill), summed in eight fixed lanes.
+      // g_i = math::gaussian_weight(dist2_i, sig): the same exponents, their
+      // exps sixteen lanes at a time and summed in eight fixed lanes
+      // (detail::exp_shifted_sum; glibc's vector expf, within an ulp of the
+      // scalar one). A scalar expf per merged token was 7% of KVMerger's prefill.
       float* g = w + b;
+      float total = static_cast<float>(m);
       if (sig > 0.0f) {
-        for (std::int64_t i = 0; i < m; ++i) g[i] = -dist2[static_cast<std::size_t>(i)] / (2.0f * sig * sig);
-        detail::exp_inplace(g, m);
-        for (std::int64_t i = 0; i < m; ++i)
-          if (dist2[static_cast<std::size_t>(i)] == 0.0f) g[i] = 1.0f;  // the pivot, even if 2 sig^2 underflows
+        // The pivot's exponent is 0 (exp 1) even where 2 sig^2 underflows.
+        for (std::int64_t i = 0; i < m; ++i) {
+          const float d2 = dist2[static_cast<std::size_t>(i)];
+          g[i] = d2 == 0.0f ? 0.0f : math::gaussian_exponent(d2, sig);
+        }
+        total = detail::exp_shifted_sum(g, m, 0.0f);
       } else {
         std::fill(g, g + m, 1.0f);  // every key at the pivot
       }
-      float lane[8] = {};
-      std::int64_t i = 0;
-      for (; i + 8 <= m; i += 8)
-        for (int l = 0; l < 8; ++l) lane[l] += g[i + l];
-      for (; i < m; ++i) lane[0] += g[i];
-      const float total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-      for (i = 0; i < m; ++i) g[i] /= total;
+      for (std::int64_t i = 0; i < m; ++i) g[i] /= total;
     }
   }
   (void)tokens;

@@ -48,11 +48,15 @@ KVSCOPE_HD float cosine(float dot, float norm2_a, float norm2_b) {
   return c < -1.0f ? -1.0f : c > 1.0f ? 1.0f : c;
 }
 
+/// The exponent of gaussian_weight, -dist2 / (2 sigma^2) (a kernel that
+/// takes its exps in vectors computes the same exponents).
+KVSCOPE_HD float gaussian_exponent(float dist2, float sigma) { return -dist2 / (2.0f * sigma * sigma); }
+
 /// Gaussian kernel weight exp(-dist2 / (2 sigma^2)) (KVMerger eq. 4 weights);
 /// 1 when dist2 = 0 (the pivot itself, even if 2 sigma^2 underflows) or when
 /// sigma is not positive (every key at the pivot), as ref::kvmerger_weights.
 KVSCOPE_HD float gaussian_weight(float dist2, float sigma) {
-  return dist2 == 0.0f || !(sigma > 0.0f) ? 1.0f : expf(-dist2 / (2.0f * sigma * sigma));
+  return dist2 == 0.0f || !(sigma > 0.0f) ? 1.0f : expf(gaussian_exponent(dist2, sigma));
 }
 
 /// Power-of-two exponent e with max_abs * 2^-e in [0.5, 1) (0 for 0): scaling
