@@ -73,13 +73,15 @@ test-seeds: build
 	done; echo "test-seeds: $(SEED_RUNS) seeds passed"
 
 # CPU benchmark suite (bench/, docs/performance.md): Google Benchmark, about
-# 8 minutes on 2 cores. Not a test. Results also go to $(BENCH_OUT) (JSON);
+# 15 minutes on 2 cores. Not a test. Results also go to $(BENCH_OUT) (JSON),
+# then scripts/bench-targets prints the issue #6 target tables from it;
 # extra flags via BENCH_ARGS, e.g. BENCH_ARGS=--benchmark_filter=prefill.
 BENCH_OUT ?= $(BUILD)/bench/kvscope_bench_cpu.json
 BENCH_ARGS ?=
 bench: configure
 	cmake --build $(BUILD) -j$(JOBS) --target kvscope_bench_cpu
 	$(BUILD)/bench/kvscope_bench_cpu --benchmark_out=$(BENCH_OUT) --benchmark_out_format=json $(BENCH_ARGS)
+	python3 scripts/bench-targets $(BENCH_OUT)
 
 # libFuzzer targets need clang (scripts/install-deps fuzz adds clang-14 and
 # libclang-rt-14-dev). Each target runs FUZZ_SECONDS over its seed corpus

@@ -95,6 +95,19 @@ void report(benchmark::State& state, double mean_s, double bytes_per_iter, doubl
 template <class F>
 double seconds(F&& f);
 
+/// slow's time over fast's, measured in pairs: each round times one call of
+/// slow between two runs of `fast_calls` calls of fast, and its ratio is
+/// slow / the mean fast call of that round. Both sides of a ratio see the
+/// same machine, where timings taken in separate rows minutes apart do not
+/// (this VM's speed drifts by up to 2x within minutes; docs/performance.md,
+/// run 18). The median and range of the rounds' ratios.
+struct PairedRatio {
+  double median = 0, lo = 0, hi = 0;
+  int rounds = 0;
+};
+template <class Slow, class Fast>
+PairedRatio paired_ratio(Slow&& slow, Fast&& fast, int rounds, int fast_calls);
+
 }  // namespace kvscope::bench
 
 #include <algorithm>
@@ -115,4 +128,24 @@ double kvscope::bench::timed_loop(benchmark::State& state, F&& f) {
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   report_other_load(state, c0, total);
   return total / static_cast<double>(std::max<benchmark::IterationCount>(1, state.iterations()));
+}
+
+template <class Slow, class Fast>
+kvscope::bench::PairedRatio kvscope::bench::paired_ratio(Slow&& slow, Fast&& fast, int rounds, int fast_calls) {
+  std::vector<double> r;
+  const auto fast_mean = [&] {
+    const double t = seconds([&] {
+      for (int i = 0; i < fast_calls; ++i) fast();
+    });
+    return t / fast_calls;
+  };
+  for (int i = 0; i < rounds; ++i) {
+    const double before = fast_mean(), t = seconds(slow), after = fast_mean();
+    r.push_back(t / (0.5 * (before + after)));
+  }
+  if (r.empty()) return {};
+  std::sort(r.begin(), r.end());
+  const std::size_t n = r.size();
+  const double median = n % 2 ? r[n / 2] : 0.5 * (r[n / 2 - 1] + r[n / 2]);
+  return {median, r.front(), r.back(), rounds};
 }
