@@ -226,8 +226,6 @@ float max_of(const float* x, std::int64_t n) {
   // Four vectors of lanes: one was a chain of dependent maxes, 4 cycles per
   // eight floats (max is exact in any order).
   constexpr int kWide = 4 * kLanes;
-  float m[kWide];
-  std::fill(m, m + kWide, -INFINITY);
   std::int64_t i = 0;
 #if defined(__AVX2__)
   // By hand: GCC compiled the loop below to scalar compares and branches.
@@ -237,13 +235,23 @@ float max_of(const float* x, std::int64_t n) {
   for (auto& a : v) a = _mm256_set1_ps(-INFINITY);
   for (; i + kWide <= n; i += kWide)
     for (int u = 0; u < 4; ++u) v[u] = _mm256_max_ps(_mm256_loadu_ps(x + i + u * kLanes), v[u]);
-  for (int u = 0; u < 4; ++u) _mm256_storeu_ps(m + u * kLanes, v[u]);
+  // The 32 lanes reduced in a tree of vector maxes: a scalar pass over them
+  // was a chain of 32 dependent maxes, ~130 cycles, most of decode's
+  // per-block softmax (docs/performance.md, run 18). No lane holds a NaN.
+  const __m256 a = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
+  __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  float r = _mm_cvtss_f32(_mm_max_ss(b, _mm_shuffle_ps(b, b, 1)));
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
 #else
+  float m[kWide];
+  std::fill(m, m + kWide, -INFINITY);
   for (; i + kWide <= n; i += kWide)
     for (int l = 0; l < kWide; ++l) m[l] = std::max(m[l], x[i + l]);
-#endif
   for (; i < n; ++i) m[0] = std::max(m[0], x[i]);
   return *std::max_element(m, m + kWide);
+#endif
 }
 
 #if !defined(__AVX2__)
