@@ -67,15 +67,17 @@ void BM_window_scores(benchmark::State& state) {
   const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
   std::vector<float> out(static_cast<std::size_t>(s.q_heads * s.tokens));
   int c = 0;
-  const double t = timed_loop(state, [&] {
+  const auto call = [&] {
     opt::cpu::window_scores(s, st.q.data<S>(), k.data() + c * kv_elems(), w, opt::cpu::Reduce::kSum, out.data());
     benchmark::DoNotOptimize(out.data());
     c = (c + 1) % copies;
-  });
+  };
+  const double t = timed_loop(state, call);
   const double bytes = static_cast<double>(kv_elems() * sizeof(S)) +                   // K
                        static_cast<double>(s.q_heads * w * s.head_dim * sizeof(S)) +  // window queries
                        static_cast<double>(s.q_heads * s.tokens * 4);                 // scores
   report(state, t, bytes, 2.0 * s.q_heads * static_cast<double>(w) * static_cast<double>(s.tokens) * s.head_dim, w == 1);
+  if (w == 1) report_paired_bandwidth(state, call, bytes, t);
 }
 
 template <class S>
@@ -87,12 +89,14 @@ void BM_key_norm_scores(benchmark::State& state) {
   const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
   std::vector<float> out(static_cast<std::size_t>(s.kv_heads * s.tokens));
   int c = 0;
-  const double t = timed_loop(state, [&] {
+  const auto call = [&] {
     opt::cpu::key_norm_scores(s, k.data() + c * kv_elems(), out.data());
     benchmark::DoNotOptimize(out.data());
     c = (c + 1) % copies;
-  });
+  };
+  const double t = timed_loop(state, call);
   report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 2.0 * static_cast<double>(kv_elems()), true);
+  report_paired_bandwidth(state, call, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), t);
 }
 
 template <class S>
@@ -104,12 +108,14 @@ void BM_adjacent_key_cosine(benchmark::State& state) {
   const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
   std::vector<float> out(static_cast<std::size_t>(s.kv_heads * (s.tokens - 1)));
   int c = 0;
-  const double t = timed_loop(state, [&] {
+  const auto call = [&] {
     opt::cpu::adjacent_key_cosine(s, k.data() + c * kv_elems(), out.data());
     benchmark::DoNotOptimize(out.data());
     c = (c + 1) % copies;
-  });
+  };
+  const double t = timed_loop(state, call);
   report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 6.0 * static_cast<double>(kv_elems()), true);
+  report_paired_bandwidth(state, call, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), t);
 }
 
 /// H2O's recompute without a recorded colsum: O(T^2 d) per q head. Run at
@@ -267,18 +273,20 @@ void BM_apply_ragged_plan(benchmark::State& state) {
   const std::vector<S> k = replicate(st.k.data<S>(), in_n, copies), v = replicate(st.v.data<S>(), in_n, copies);
   std::vector<S> ko(static_cast<std::size_t>(out_n * copies)), vo(ko.size());
   int c = 0;
-  const double t = timed_loop(state, [&] {
+  const auto call = [&] {
     opt::cpu::apply_ragged_plan(rp, k.data() + c * in_n, v.data() + c * in_n, sh.tokens, sh.head_dim,
                                 ko.data() + c * out_n, vo.data() + c * out_n);
     benchmark::DoNotOptimize(ko.data());
     c = (c + 1) % copies;
-  });
+  };
+  const double t = timed_loop(state, call);
   const double row = static_cast<double>(sh.head_dim * sizeof(S));
   const double read = 2.0 * row * static_cast<double>(plan.token.size());  // K and V rows of every entry
   const double written = 2.0 * row * static_cast<double>(plan.slots());
   const double meta = static_cast<double>((plan.offsets.size() + plan.row_ptr.size() + plan.token.size()) * 8 +
                                           (plan.coef_k.size() + plan.coef_v.size()) * 4);
   report(state, t, read + written + meta, 0, true);
+  report_paired_bandwidth(state, call, read + written + meta, t);
   state.counters["slots"] = static_cast<double>(plan.slots());
 }
 
@@ -302,15 +310,17 @@ void BM_decode_attention(benchmark::State& state) {
     for (int i = 0; i < sh.head_dim; ++i)
       q[static_cast<std::size_t>(h * sh.head_dim + i)] = st.q.get((static_cast<std::int64_t>(h) * sh.tokens + sh.tokens - 1) * sh.head_dim + i);
   int c = 0;
-  const double t = timed_loop(state, [&] {
+  const auto call = [&] {
     opt::cpu::decode_attention(q.data(), sh.q_heads, sh.kv_heads, sh.head_dim, plan.offsets.data(), k.data() + c * n,
                                v.data() + c * n, LogBias ? bias.data() : nullptr, out.data());
     benchmark::DoNotOptimize(out.data());
     c = (c + 1) % copies;
-  });
-  report(state, t,
-         static_cast<double>(2 * n * sizeof(S) + (q.size() + out.size() + bias.size()) * 4 + plan.offsets.size() * 8),
-         4.0 * sh.q_heads * static_cast<double>(plan.slots() / sh.kv_heads) * sh.head_dim, true);
+  };
+  const double t = timed_loop(state, call);
+  const double bytes =
+      static_cast<double>(2 * n * sizeof(S) + (q.size() + out.size() + bias.size()) * 4 + plan.offsets.size() * 8);
+  report(state, t, bytes, 4.0 * sh.q_heads * static_cast<double>(plan.slots() / sh.kv_heads) * sh.head_dim, true);
+  report_paired_bandwidth(state, call, bytes, t);
   state.counters["slots_per_head"] = static_cast<double>(plan.slots() / sh.kv_heads);
 }
 

@@ -94,7 +94,7 @@ void BM_gaussian_merge_weights(benchmark::State& state) {
   const std::vector<S> k = replicate(st.k.data<S>(), kv_elems(), copies);
   std::vector<float> w(static_cast<std::size_t>(sh.kv_heads * T));
   int c = 0;
-  const double t = timed_loop(state, [&] {
+  const auto call = [&] {
     for (int h = 0; h < sh.kv_heads; ++h) {
       const auto& b = m.begin[static_cast<std::size_t>(h)];
       const auto& p = m.pivot[static_cast<std::size_t>(h)];
@@ -104,10 +104,12 @@ void BM_gaussian_merge_weights(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(w.data());
     c = (c + 1) % copies;
-  });
+  };
+  const double t = timed_loop(state, call);
   // K in, one weight per token out; a squared distance per token (3 flops per element)
   report(state, t, static_cast<double>(kv_elems() * sizeof(S) + w.size() * 4), 3.0 * static_cast<double>(kv_elems()),
          true);
+  report_paired_bandwidth(state, call, static_cast<double>(kv_elems() * sizeof(S) + w.size() * 4), t);
 }
 
 /// The keys one block of WeightedKV's streaming prefill meets at a full

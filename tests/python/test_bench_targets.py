@@ -4,7 +4,8 @@
     /usr/bin/python3 tests/python/test_bench_targets.py --workdir DIR
 
 Writes small Google Benchmark JSON reports under DIR/bench-targets-test and
-checks the verdicts: the paired speed-up decides over the separate rows' one,
+checks the verdicts: the paired speed-up and bandwidth ratio decide over the
+separate rows' and the startup limit's,
 a row without a floor is not judged, a row whose floor is below the target
 says so, fewer-thread kernel rows are not judged, contended rows are flagged,
 --gate exits 1 exactly when a target is missed, and an unreadable report
@@ -36,9 +37,12 @@ def method(name, ms, **counters):
             **counters}
 
 
-def kernel(name, ms, bw, other_load=0.0):
-    return {"name": f"kernel/{name}/real_time", "run_type": "iteration", "real_time": ms, "time_unit": "ms",
-            "bw_ratio": bw, "other_load": other_load}
+def kernel(name, ms, bw, other_load=0.0, paired=None):
+    row = {"name": f"kernel/{name}/real_time", "run_type": "iteration", "real_time": ms, "time_unit": "ms",
+           "bw_ratio": bw, "other_load": other_load}
+    if paired is not None:
+        row.update(bw_paired=paired, bw_paired_lo=paired - 0.05, bw_paired_hi=paired + 0.05)
+    return row
 
 
 def run(path, *flags):
@@ -76,6 +80,9 @@ def main():
         kernel("decode_attention_ragged/f16/threads:2", 1.4, 0.49),
         kernel("decode_attention_ragged/f16/threads:1", 2.6, 0.20),  # fewer threads: informative only
         kernel("key_norm_scores/f32/threads:2", 1.2, 0.83),
+        # The startup ratio says 0.45, the pairs 0.55: the pairs decide (and the other way round).
+        kernel("window_scores/f16/window:1/threads:2", 1.2, 0.45, paired=0.55),
+        kernel("adjacent_key_cosine/bf16/threads:2", 1.3, 0.60, paired=0.45),
     ])
     done = run(mixed)
     assert done.returncode == 0, done.stderr
@@ -89,7 +96,10 @@ def main():
     assert "MISSED" in line_of(out, "kernel/decode_attention_ragged/f16/threads:2"), out
     assert "threads:1" not in out, out
     assert "met" in line_of(out, "kernel/key_norm_scores/f32/threads:2"), out
-    assert "3 target row(s) missed" in out, out
+    assert "met" in line_of(out, "kernel/window_scores/f16/window:1/threads:2"), out
+    assert "0.55 [0.50-0.60]" in line_of(out, "kernel/window_scores/f16/window:1/threads:2"), out
+    assert "MISSED" in line_of(out, "kernel/adjacent_key_cosine/bf16/threads:2"), out
+    assert "4 target row(s) missed" in out, out
     assert run(mixed, "--gate").returncode == 1
     # A looser target changes the verdicts: every row met, and the gate passes.
     loose = run(mixed, "--gate", "--speedup", "10", "--bandwidth", "0.4")
