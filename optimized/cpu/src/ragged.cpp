@@ -229,61 +229,45 @@ void accumulate_rows(const float* w, const float* rows, int n, int d, float* acc
 }
 
 #if KVSCOPE_CPU_AVX2
-/// Columns [i0, i0 + 8V) of accumulate_rows4: the 4 x V register sums stay in
-/// registers across the n rows, each row's V vectors converted in registers.
-template <int V, class S>
-void accumulate_tile4(const float* w, const S* rows, int n, int d, int i0, Partial* parts) {
-  __m256 a[4][V];
-  for (int h = 0; h < 4; ++h)
-    for (int t = 0; t < V; ++t) a[h][t] = _mm256_loadu_ps(parts[h].acc + i0 + 8 * t);
-  for (int j = 0; j < n; ++j) {
-    const S* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
-    __m256 x[V];
-#pragma GCC unroll 4
-    for (int t = 0; t < V; ++t) x[t] = detail::load8(r + 8 * t);
-#pragma GCC unroll 4
-    for (int h = 0; h < 4; ++h) {
-      const __m256 wh = _mm256_set1_ps(w[h * kBlock + j]);
-#pragma GCC unroll 4
-      for (int t = 0; t < V; ++t) a[h][t] = _mm256_fmadd_ps(wh, x[t], a[h][t]);
-    }
-  }
-  for (int h = 0; h < 4; ++h)
-    for (int t = 0; t < V; ++t) _mm256_storeu_ps(parts[h].acc + i0 + 8 * t, a[h][t]);
-}
-#endif
-
 #if KVSCOPE_CPU_AVX512
 KVSCOPE_AVX512_WARNINGS_OFF
-/// accumulate_tile4 in sixteen lanes: columns [i0, i0 + 16V), the same
-/// fused multiply-adds lane by lane (so the same bits), half the
-/// instructions; this VM issues two zmm FMAs a cycle, as many as ymm ones.
-template <int V, class S>
-void accumulate_tile4_16(const float* w, const S* rows, int n, int d, int i0, Partial* parts) {
-  __m512 a[4][V];
+#endif
+/// Columns [i0, i0 + L::kWidth * V) of accumulate_rows4, in lanes L
+/// (detail::Lanes8 or Lanes16): the 4 x V register sums stay in registers
+/// across the n rows, each row's V vectors converted in registers. Either
+/// width does the same fused multiply-adds lane by lane, so the same bits;
+/// sixteen lanes take half the instructions, and this VM issues two zmm
+/// FMAs a cycle, as many as ymm ones (docs/performance.md, run 18).
+template <class L, int V, class S>
+void accumulate_tile4(const float* w, const S* rows, int n, int d, int i0, Partial* parts) {
+  constexpr int W = L::kWidth;
+  typename L::V a[4][V];
   for (int h = 0; h < 4; ++h)
-    for (int t = 0; t < V; ++t) a[h][t] = _mm512_loadu_ps(parts[h].acc + i0 + 16 * t);
+    for (int t = 0; t < V; ++t) a[h][t] = L::loadu(parts[h].acc + i0 + W * t);
   for (int j = 0; j < n; ++j) {
     const S* r = rows + static_cast<std::ptrdiff_t>(j) * d + i0;
-    __m512 x[V];
+    typename L::V x[V];
 #pragma GCC unroll 4
-    for (int t = 0; t < V; ++t) x[t] = detail::load16(r + 16 * t);
+    for (int t = 0; t < V; ++t) x[t] = L::load(r + W * t);
 #pragma GCC unroll 4
     for (int h = 0; h < 4; ++h) {
-      const __m512 wh = _mm512_set1_ps(w[h * kBlock + j]);
+      const typename L::V wh = L::set1(w[h * kBlock + j]);
 #pragma GCC unroll 4
-      for (int t = 0; t < V; ++t) a[h][t] = _mm512_fmadd_ps(wh, x[t], a[h][t]);
+      for (int t = 0; t < V; ++t) a[h][t] = L::fmadd(wh, x[t], a[h][t]);
     }
   }
   for (int h = 0; h < 4; ++h)
-    for (int t = 0; t < V; ++t) _mm512_storeu_ps(parts[h].acc + i0 + 16 * t, a[h][t]);
+    for (int t = 0; t < V; ++t) L::storeu(parts[h].acc + i0 + W * t, a[h][t]);
 }
+#if KVSCOPE_CPU_AVX512
 KVSCOPE_AVX512_WARNINGS_ON
+#endif
 #endif
 
 /// accumulate_rows for four heads at once (weights w + h * kBlock, h < 4),
 /// over n rows of storage read and converted in registers (no fp32 copy of the
-/// V block): each row is loaded once for the four heads. Under AVX2, tiles of
+/// V block): each row is loaded once for the four heads. Under AVX-512,
+/// sixteen-lane tiles of 64 and 32 columns; under AVX2, eight-lane tiles of
 /// 32 columns (a 64-byte line of a 16-bit row; tiles of 16 read each line
 /// twice and ran slower than the copy), then 16 and 8. Every element's sum
 /// runs over j in the same order with the same fused multiply-adds, so the
@@ -292,13 +276,13 @@ template <class S>
 void accumulate_rows4(const float* w, const S* rows, int n, int d, Partial* parts) {
   int i0 = 0;
 #if KVSCOPE_CPU_AVX512
-  for (; i0 + 64 <= d; i0 += 64) accumulate_tile4_16<4>(w, rows, n, d, i0, parts);  // two lines of a 16-bit row
-  for (; i0 + 32 <= d; i0 += 32) accumulate_tile4_16<2>(w, rows, n, d, i0, parts);
+  for (; i0 + 64 <= d; i0 += 64) accumulate_tile4<detail::Lanes16, 4>(w, rows, n, d, i0, parts);  // two lines of a 16-bit row
+  for (; i0 + 32 <= d; i0 += 32) accumulate_tile4<detail::Lanes16, 2>(w, rows, n, d, i0, parts);
 #endif
 #if KVSCOPE_CPU_AVX2
-  for (; i0 + 32 <= d; i0 += 32) accumulate_tile4<4>(w, rows, n, d, i0, parts);
-  for (; i0 + 16 <= d; i0 += 16) accumulate_tile4<2>(w, rows, n, d, i0, parts);
-  for (; i0 + 8 <= d; i0 += 8) accumulate_tile4<1>(w, rows, n, d, i0, parts);
+  for (; i0 + 32 <= d; i0 += 32) accumulate_tile4<detail::Lanes8, 4>(w, rows, n, d, i0, parts);
+  for (; i0 + 16 <= d; i0 += 16) accumulate_tile4<detail::Lanes8, 2>(w, rows, n, d, i0, parts);
+  for (; i0 + 8 <= d; i0 += 8) accumulate_tile4<detail::Lanes8, 1>(w, rows, n, d, i0, parts);
 #endif
   for (int h = 0; h < 4; ++h)
     for (int j = 0; j < n; ++j)

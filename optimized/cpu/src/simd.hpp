@@ -61,6 +61,19 @@ inline __m256 load8(const f16* p) {
 #endif
 }
 
+/// Eight fp32 lanes behind the interface Lanes16 shares, for a loop written
+/// once for both widths (the same operations lane by lane either way).
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  template <class S>
+  static V load(const S* p) { return load8(p); }  // storage, converted in registers
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+
 /// |row|^2 for d % 32 == 0 in fused_dots' order: block j of eight values to
 /// chain j % 4, the chains summed (x0 + x1) + (x2 + x3), then hsum. Four
 /// short chains where dot8 has one of d / 8 FMAs.
@@ -136,6 +149,18 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+/// Sixteen fp32 lanes, Lanes8's interface.
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  template <class S>
+  static V load(const S* p) { return load16(p); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
 
 /// The lower and upper eight lanes.
 inline __m256 low8(__m512 v) { return _mm512_castps512_ps256(v); }
