@@ -207,24 +207,6 @@ int rotations(std::size_t bytes_per_copy) {
   return static_cast<int>(std::max<std::size_t>(1, (footprint + bytes_per_copy - 1) / bytes_per_copy));
 }
 
-void report_paired_bandwidth(benchmark::State& state, const std::function<void()>& call, double bytes_per_call,
-                             double mean_s) {
-  if (omp_get_max_threads() != limits().threads || bytes_per_call <= 0 || mean_s <= 0) return;
-  static Buffer src(kCopyBytes), dst(kCopyBytes);
-  const auto copy = [&] {
-    omp_copy(dst.p, src.p, kCopyBytes);
-    benchmark::ClobberMemory();
-  };
-  const double copy_s = seconds(copy);
-  const int calls = std::clamp(static_cast<int>(0.5 * copy_s / mean_s), 1, 256);
-  // The rounds' copy time over the mean call, times bytes per call over bytes per copy.
-  const PairedRatio p = paired_ratio(copy, call, 9, calls);
-  const double scale = bytes_per_call / (2.0 * static_cast<double>(kCopyBytes));
-  state.counters["bw_paired"] = p.median * scale;
-  state.counters["bw_paired_lo"] = p.lo * scale;
-  state.counters["bw_paired_hi"] = p.hi * scale;
-}
-
 void report(benchmark::State& state, double mean_s, double bytes_per_iter, double flops_per_iter, bool memory_bound) {
   const Limits& l = limits();
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes_per_iter * static_cast<double>(state.iterations())));
@@ -236,6 +218,25 @@ void report(benchmark::State& state, double mean_s, double bytes_per_iter, doubl
     state.counters["GFLOPs"] = flops_per_iter / mean_s / 1e9;
     state.counters["flop_ratio"] = flops_per_iter / mean_s / peak;
   }
+}
+
+void report(benchmark::State& state, double mean_s, double bytes_per_iter, double flops_per_iter, bool memory_bound,
+            const std::function<void()>& call) {
+  report(state, mean_s, bytes_per_iter, flops_per_iter, memory_bound);
+  if (!memory_bound || bytes_per_iter <= 0 || mean_s <= 0 || omp_get_max_threads() != limits().threads) return;
+  static Buffer src(kCopyBytes), dst(kCopyBytes);
+  const auto copy = [&] {
+    omp_copy(dst.p, src.p, kCopyBytes);
+    benchmark::ClobberMemory();
+  };
+  const double copy_s = seconds(copy);
+  const int calls = std::clamp(static_cast<int>(0.5 * copy_s / mean_s), 1, 256);
+  // The rounds' copy time over the mean call, times bytes per call over bytes per copy.
+  const PairedRatio p = paired_ratio(copy, call, 9, calls);
+  const double scale = bytes_per_iter / (2.0 * static_cast<double>(kCopyBytes));
+  state.counters["bw_paired"] = p.median * scale;
+  state.counters["bw_paired_lo"] = p.lo * scale;
+  state.counters["bw_paired_hi"] = p.hi * scale;
 }
 
 }  // namespace kvscope::bench

@@ -92,14 +92,14 @@ void report_other_load(benchmark::State& state, const CpuTimes& since, double wa
 /// when flops > 0, GFLOPs and flop_ratio (over the FMA peak of the threads used).
 void report(benchmark::State& state, double mean_s, double bytes_per_iter, double flops_per_iter, bool memory_bound);
 
-/// bw_ratio measured in pairs (counters bw_paired, bw_paired_lo, bw_paired_hi):
-/// rounds that time the limits' copy (omp_copy of 256 MiB) between two runs
-/// of `call` about half a copy long each; per round, the kernel's bytes/s
-/// over the copy's. The VM's bandwidth drifts by ~15% between the startup
-/// limits and a row minutes later. Only at the limits' thread count (the
-/// target's rows); `mean_s` is the row's mean call.
-void report_paired_bandwidth(benchmark::State& state, const std::function<void()>& call, double bytes_per_call,
-                             double mean_s);
+/// report(), and for a memory-bound row run at the limits' thread count (the
+/// target's rows) also bw_ratio measured in pairs (counters bw_paired,
+/// bw_paired_lo, bw_paired_hi): rounds that time the limits' copy (omp_copy of
+/// 256 MiB) between two runs of `call` about half a copy long each; per round,
+/// the kernel's bytes/s over the copy's. The VM's bandwidth drifts by ~15%
+/// between the startup limits and a row minutes later.
+void report(benchmark::State& state, double mean_s, double bytes_per_iter, double flops_per_iter, bool memory_bound,
+            const std::function<void()>& call);
 
 /// Wall seconds of f() (steady clock).
 template <class F>

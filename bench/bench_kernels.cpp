@@ -76,8 +76,8 @@ void BM_window_scores(benchmark::State& state) {
   const double bytes = static_cast<double>(kv_elems() * sizeof(S)) +                   // K
                        static_cast<double>(s.q_heads * w * s.head_dim * sizeof(S)) +  // window queries
                        static_cast<double>(s.q_heads * s.tokens * 4);                 // scores
-  report(state, t, bytes, 2.0 * s.q_heads * static_cast<double>(w) * static_cast<double>(s.tokens) * s.head_dim, w == 1);
-  if (w == 1) report_paired_bandwidth(state, call, bytes, t);
+  report(state, t, bytes, 2.0 * s.q_heads * static_cast<double>(w) * static_cast<double>(s.tokens) * s.head_dim, w == 1,
+         call);
 }
 
 template <class S>
@@ -95,8 +95,8 @@ void BM_key_norm_scores(benchmark::State& state) {
     c = (c + 1) % copies;
   };
   const double t = timed_loop(state, call);
-  report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 2.0 * static_cast<double>(kv_elems()), true);
-  report_paired_bandwidth(state, call, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), t);
+  report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 2.0 * static_cast<double>(kv_elems()), true,
+         call);
 }
 
 template <class S>
@@ -114,8 +114,8 @@ void BM_adjacent_key_cosine(benchmark::State& state) {
     c = (c + 1) % copies;
   };
   const double t = timed_loop(state, call);
-  report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 6.0 * static_cast<double>(kv_elems()), true);
-  report_paired_bandwidth(state, call, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), t);
+  report(state, t, static_cast<double>(kv_elems() * sizeof(S) + out.size() * 4), 6.0 * static_cast<double>(kv_elems()), true,
+         call);
 }
 
 /// H2O's recompute without a recorded colsum: O(T^2 d) per q head. Run at
@@ -285,8 +285,7 @@ void BM_apply_ragged_plan(benchmark::State& state) {
   const double written = 2.0 * row * static_cast<double>(plan.slots());
   const double meta = static_cast<double>((plan.offsets.size() + plan.row_ptr.size() + plan.token.size()) * 8 +
                                           (plan.coef_k.size() + plan.coef_v.size()) * 4);
-  report(state, t, read + written + meta, 0, true);
-  report_paired_bandwidth(state, call, read + written + meta, t);
+  report(state, t, read + written + meta, 0, true, call);
   state.counters["slots"] = static_cast<double>(plan.slots());
 }
 
@@ -317,10 +316,9 @@ void BM_decode_attention(benchmark::State& state) {
     c = (c + 1) % copies;
   };
   const double t = timed_loop(state, call);
-  const double bytes =
-      static_cast<double>(2 * n * sizeof(S) + (q.size() + out.size() + bias.size()) * 4 + plan.offsets.size() * 8);
-  report(state, t, bytes, 4.0 * sh.q_heads * static_cast<double>(plan.slots() / sh.kv_heads) * sh.head_dim, true);
-  report_paired_bandwidth(state, call, bytes, t);
+  report(state, t,
+         static_cast<double>(2 * n * sizeof(S) + (q.size() + out.size() + bias.size()) * 4 + plan.offsets.size() * 8),
+         4.0 * sh.q_heads * static_cast<double>(plan.slots() / sh.kv_heads) * sh.head_dim, true, call);
   state.counters["slots_per_head"] = static_cast<double>(plan.slots() / sh.kv_heads);
 }
 

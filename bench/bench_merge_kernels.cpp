@@ -108,8 +108,7 @@ void BM_gaussian_merge_weights(benchmark::State& state) {
   const double t = timed_loop(state, call);
   // K in, one weight per token out; a squared distance per token (3 flops per element)
   report(state, t, static_cast<double>(kv_elems() * sizeof(S) + w.size() * 4), 3.0 * static_cast<double>(kv_elems()),
-         true);
-  report_paired_bandwidth(state, call, static_cast<double>(kv_elems() * sizeof(S) + w.size() * 4), t);
+         true, call);
 }
 
 /// The keys one block of WeightedKV's streaming prefill meets at a full

@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__FMA__) || defined(__AVX512F__)
+#if defined(__FMA__)  // -mavx512f implies it
 #include <immintrin.h>
 #endif
 
